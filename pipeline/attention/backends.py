@@ -1,0 +1,41 @@
+"""Kernel selection. A method gets one AttentionBackend and calls its primitives; nothing here is
+process-global. Layout contract: dense primitives take and return (B, N, H, D)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass
+class AttentionBackend:
+    """Primitives on one device. `sdpa_order` is the SDPA kernel preference (first that runs wins)."""
+
+    name: str
+    device: torch.device
+    sdpa_order: tuple[SDPBackend, ...]
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Full attention; q (B, Nq, H, D), k/v (B, Nk, H, D) -> (B, Nq, H, D)."""
+        with sdpa_kernel(list(self.sdpa_order)):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        return o.transpose(1, 2)
+
+
+def select_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> AttentionBackend:
+    """The backend for `name` (auto | sdpa | cpu) on `device`; raises ValueError with the reason."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        order = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH)
+        if name not in ("auto", "sdpa"):
+            raise ValueError(f"attention.backend: {name!r} is not available on {device}")
+        return AttentionBackend("sdpa", device, order)
+    if name not in ("auto", "sdpa", "cpu"):
+        raise ValueError(f"attention.backend: {name!r} needs a CUDA device (got {device})")
+    # CPU: the flash kernel for CPU handles no mask; MATH covers the rest.
+    return AttentionBackend("cpu", device, (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH))

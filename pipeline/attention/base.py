@@ -1,0 +1,86 @@
+"""The one interface every attention method implements: `forward(q, k, v, meta) -> o`.
+
+q, k, v and o are (B, N, H, D) after RoPE. `meta` is built once per step by the sampler and
+reused by every layer (only `layer` and `state` change). Methods never pick kernels themselves:
+they get an AttentionBackend at construction and call its primitives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from pipeline.layout import VideoLayout
+
+if TYPE_CHECKING:
+    from pipeline.attention.backends import AttentionBackend
+    from pipeline.config import AttentionConfig
+
+
+@dataclass
+class Routing:
+    """MoGA routing of every token of the sequence: one group per token, shared by all heads."""
+
+    groups: torch.Tensor  # (B, N) int64 in [0, num_groups)
+    gate: torch.Tensor  # (B, N) float32: p(g(x) | x), the output is scaled by it
+    num_groups: int
+
+
+class StateSlot:
+    """One layer's carried state. Owned by the sampler (reset per video, checkpointed per block),
+    read and written by the layer's method; the method itself keeps nothing between calls."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any = None):
+        self.value = value
+
+
+@dataclass
+class AttentionMeta:
+    layout: VideoLayout  # the whole sequence this call attends over (after any all-to-all)
+    step: int = 0  # denoising step within the current block (lite: full steps first)
+    layer: int = 0
+    routing: Routing | None = None  # moga: per-token groups and gates
+    state: StateSlot | None = None  # has_state methods: this layer's carried state
+    commit: bool = False  # linear, block mode: add this call's keys/values to the carried state
+    stats: dict[str, float] = field(default_factory=dict)  # what the last forward computed (pairs, ...)
+
+    def for_layer(self, layer: int, state: StateSlot | None = None) -> "AttentionMeta":
+        return AttentionMeta(self.layout, self.step, layer, self.routing, state, self.commit, {})
+
+
+class AttentionMethod:
+    """Base class. Subclasses set the capability flags and implement forward and flops."""
+
+    name: ClassVar[str]
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
+    supports_context_parallel: ClassVar[bool] = True
+    # How context parallelism wraps it: "ulysses" (all-to-all to full sequence, H/P heads) or
+    # "state" (linear attention: local sums of (S, z) reduced across ranks, no K/V exchange).
+    cp_strategy: ClassVar[str] = "ulysses"
+    has_state: ClassVar[bool] = False
+    needs_routing: ClassVar[bool] = False
+
+    def __init__(self, cfg: "AttentionConfig", backend: "AttentionBackend"):
+        self.cfg = cfg
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flops(self, meta: AttentionMeta, shape: tuple[int, int, int, int]) -> float:
+        """FLOPs of the forward just made with `meta` on q of `shape` (B, N, H, D).
+
+        Counted as 4 * D per computed (query, key) pair and head (QK^T and PV multiply-adds);
+        data-dependent methods read the pair count their forward left in meta.stats."""
+        b, n, h, d = shape
+        return 4.0 * d * meta.stats.get("pairs", b * h * n * n)
+
+    def __call__(self, q, k, v, meta):
+        return self.forward(q, k, v, meta)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend.name})"
