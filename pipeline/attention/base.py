@@ -46,10 +46,11 @@ class AttentionMeta:
     routing: Routing | None = None  # moga: per-token groups and gates
     state: StateSlot | None = None  # has_state methods: this layer's carried state
     commit: bool = False  # linear, block mode: add this call's keys/values to the carried state
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # applies_rope methods: (cos, sin) (1, N, 1, D)
     stats: dict[str, float] = field(default_factory=dict)  # what the last forward computed (pairs, ...)
 
     def for_layer(self, layer: int, state: StateSlot | None = None) -> "AttentionMeta":
-        return AttentionMeta(self.layout, self.step, layer, self.routing, state, self.commit, {})
+        return AttentionMeta(self.layout, self.step, layer, self.routing, state, self.commit, self.rope, {})
 
 
 class AttentionMethod:
@@ -63,6 +64,9 @@ class AttentionMethod:
     cp_strategy: ClassVar[str] = "ulysses"
     has_state: ClassVar[bool] = False
     needs_routing: ClassVar[bool] = False
+    # True: q and k arrive un-rotated and meta.rope holds the rotation (linear attention applies
+    # RoPE after its ReLU feature map). False: the caller rotates q and k before forward.
+    applies_rope: ClassVar[bool] = False
 
     def __init__(self, cfg: "AttentionConfig", backend: "AttentionBackend"):
         self.cfg = cfg
