@@ -7,7 +7,7 @@ they get an AttentionBackend at construction and call its primitives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -47,10 +47,13 @@ class AttentionMeta:
     state: StateSlot | None = None  # has_state methods: this layer's carried state
     commit: bool = False  # linear, block mode: add this call's keys/values to the carried state
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # applies_rope methods: (cos, sin) (1, N, 1, D)
+    # The slice [start, end) of the layout's sequence that q, k, v hold; None = all of it. Set by
+    # context parallelism's "state" strategy, where each rank keeps its own tokens and all heads.
+    token_range: tuple[int, int] | None = None
     stats: dict[str, float] = field(default_factory=dict)  # what the last forward computed (pairs, ...)
 
     def for_layer(self, layer: int, state: StateSlot | None = None) -> "AttentionMeta":
-        return AttentionMeta(self.layout, self.step, layer, self.routing, state, self.commit, self.rope, {})
+        return replace(self, layer=layer, state=state, stats={})
 
 
 class AttentionMethod:
