@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pipeline.attention.backends.blockmask import SegmentMask, block_sparse_attention, flex_available
 
 
 @dataclass
@@ -24,6 +27,13 @@ class AttentionBackend:
         with sdpa_kernel(list(self.sdpa_order)):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
         return o.transpose(1, 2)
+
+    def block_sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Sequence[SegmentMask],
+                     scale: float | None = None) -> torch.Tensor:
+        """Attention where query i sees key j iff every SegmentMask allows it (exact per token);
+        (B, N, H, D) in and out. CUDA: FlexAttention over 128-blocks; else SDPA with the mask."""
+        use_flex = self.device.type == "cuda" and flex_available()
+        return block_sparse_attention(q, k, v, masks, scale, use_flex, self.sdpa_order)
 
 
 def select_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> AttentionBackend:
