@@ -7,9 +7,10 @@ import torch
 from pipeline.attention.backends import AttentionBackend, select_backend
 from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing, StateSlot
 from pipeline.attention.dense import DenseAttention
+from pipeline.attention.linear import LinearAttention
 from pipeline.attention.moc import MocAttention
 
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (DenseAttention, MocAttention)}
+METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (DenseAttention, MocAttention, LinearAttention)}
 
 
 def method_names() -> list[str]:
