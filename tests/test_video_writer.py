@@ -13,7 +13,7 @@ from diffusers import AutoencoderKLWan
 
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from pipeline.config import CONFIG_DIR, OutputConfig, S3Config, StorageConfig
-from pipeline.storage import FileStore, open_store
+from pipeline.storage import FileStore, StorageError, open_store
 from pipeline.video.decode import StreamingDecoder
 from pipeline.video.writer import VideoWriter
 
@@ -78,7 +78,9 @@ def test_file_store_end_to_end(tmp_path, vae, latents):
     writer = VideoWriter(store, "clip", vae, FPS, OUTPUT, gop=4)
     reports = [writer.write_block(block) for block in latents.split(list(BLOCKS), dim=2)]
     # Bytes have streamed into the store's temporary file; the final name does not exist yet.
-    assert reports[-1].bytes_out > 0 and store.list() == [] and writer._object.bytes_written > 0
+    [temp] = list(tmp_path.iterdir())
+    assert temp.name.startswith(".clip.mp4.") and temp.stat().st_size == reports[-1].bytes_out > 0
+    assert store.list() == []
     record = writer.finish({"seed": 7, "shots": ["a cat", "a dog"]})
     check_video(store, vae, latents, record, reports)
     assert store.list() == ["clip.json", "clip.mp4"]
@@ -141,3 +143,14 @@ def test_json_failure_removes_the_mp4(tmp_path, vae, latents):
     with pytest.raises(Exception, match="clip.json"):
         writer.finish({})
     assert store.list() == [] and writer.state == "aborted"
+
+
+def test_missing_bucket_is_one_line_and_leaves_nothing(s3_server, vae, latents):
+    store = open_store(StorageConfig(uri="s3://no-such-bucket-here/runs", s3=S3Config(
+        endpoint_url=s3_server.endpoint_url, max_attempts=1)))
+    writer = VideoWriter(store, "clip", vae, FPS, OUTPUT)
+    writer.write_block(latents[:, :, :3])
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket-here/runs/clip.mp4: upload failed: "
+                                           r"bucket 'no-such-bucket-here' does not exist$"):
+        writer.finish({})
+    assert writer.state == "aborted"
