@@ -8,9 +8,11 @@ from pipeline.attention.backends import AttentionBackend, select_backend
 from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing, StateSlot
 from pipeline.attention.dense import DenseAttention
 from pipeline.attention.linear import LinearAttention
+from pipeline.attention.lite import LiteAttention
 from pipeline.attention.moc import MocAttention
 
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (DenseAttention, MocAttention, LinearAttention)}
+METHODS: dict[str, type[AttentionMethod]] = {
+    cls.name: cls for cls in (DenseAttention, MocAttention, LiteAttention, LinearAttention)}
 
 
 def method_names() -> list[str]:

@@ -1,0 +1,134 @@
+"""Lite: full steps equal dense attention; later steps equal masked dense attention with the skip
+mask this test recomputes from the full steps' logits; the mask is monotone; CFG rows are separate."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.attention import build_method
+from pipeline.attention.base import AttentionMeta, StateSlot
+from pipeline.attention.lite import tile_margins
+from pipeline.attention.reference import reference_attention
+from pipeline.config import AttentionConfig
+from pipeline.layout import VideoLayout
+
+H, D = 2, 16
+THRESHOLD = -4.0
+
+
+def lite_method(tile, full_steps=2, threshold=THRESHOLD):
+    cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), {
+        "method": "lite", "lite": {"base": "dense", "full_steps": full_steps, "threshold": threshold,
+                                   "tile": list(tile)}})
+    return build_method(cfg)
+
+
+def inputs(b, n):
+    """Peaked attention (q scaled up) so that some tiles fall below the threshold and some do not."""
+    return 10.0 * torch.randn(b, n, H, D), torch.randn(b, n, H, D), torch.randn(b, n, H, D)
+
+
+def margins_by_loops(q, k, tile):
+    """margin[b, h, t, u] = max_{i in t} (max_{j in u} s_ij - max_j s_ij) * log2(e), one tile at a time."""
+    b_, n, h_, d = q.shape
+    tq, tk = tile
+    nqt, nkt = -(-n // tq), -(-n // tk)
+    out = torch.empty(b_, h_, nqt, nkt)
+    for b in range(b_):
+        for h in range(h_):
+            s = q[b, :, h] @ k[b, :, h].T / math.sqrt(d)  # (N, N)
+            for t in range(nqt):
+                rows = s[t * tq:(t + 1) * tq]
+                for u in range(nkt):
+                    tile_max = rows[:, u * tk:(u + 1) * tk].max(1).values
+                    out[b, h, t, u] = ((tile_max - rows.max(1).values) / math.log(2)).max()
+    return out
+
+
+def skip_by_rules(margins, layout, tile):
+    """Skipped tiles: margin below the threshold, unless the tile holds a pair (i, i) or text."""
+    skip = margins < THRESHOLD
+    tq, tk = tile
+    for t in range(skip.shape[2]):
+        for u in range(skip.shape[3]):
+            rows, cols = set(range(t * tq, (t + 1) * tq)), set(range(u * tk, (u + 1) * tk))
+            text = min(rows) < layout.text_tokens or min(cols) < layout.text_tokens
+            if rows & cols or text:
+                skip[:, :, t, u] = False
+    return skip
+
+
+def token_mask(skip, n, tile):
+    """(B, H, N, N) bool: the keys each query keeps."""
+    qt, kt = torch.arange(n) // tile[0], torch.arange(n) // tile[1]
+    return ~skip[:, :, qt][:, :, :, kt]
+
+
+@pytest.mark.parametrize("layout, tile", [
+    (VideoLayout(4, 4, 4), (8, 8)),
+    (VideoLayout(3, 4, 4, text_tokens=5), (8, 12)),  # 53 tokens: partial tiles, rectangular tiles, text
+])
+def test_lite_steps_equal_reference_with_the_recomputed_skip_mask(layout, tile):
+    n, b = layout.num_tokens, 2  # b = 2: cond and uncond rows of one CFG call
+    method = lite_method(tile)
+    slot, expected_skip, snapshots = StateSlot(), None, []
+    for step in range(5):
+        q, k, v = inputs(b, n)
+        meta = AttentionMeta(layout=layout, step=step, state=slot)
+        o = method(q, k, v, meta)
+        if step < 2:
+            torch.testing.assert_close(o, reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+            skip = skip_by_rules(margins_by_loops(q, k, tile), layout, tile)
+            expected_skip = skip if expected_skip is None else expected_skip | skip
+            assert meta.stats["pairs"] == b * H * n * n
+        else:
+            mask = token_mask(expected_skip, n, tile)
+            torch.testing.assert_close(o, reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+            assert meta.stats["pairs"] == mask.sum().item()
+        snapshots.append(slot.value.skip.clone())
+    assert torch.equal(slot.value.skip, expected_skip)
+    assert 0 < expected_skip.float().mean() < 1  # the test exercises both kept and skipped tiles
+    for before, after in zip(snapshots, snapshots[1:]):
+        assert bool((after | ~before).all())  # monotone: a skipped tile stays skipped
+    assert not torch.equal(expected_skip[0], expected_skip[1])  # each CFG row has its own mask
+
+
+def test_tile_margins_match_the_definition():
+    q, k, _ = inputs(2, 37)
+    for tile in ((8, 8), (5, 16), (37, 3)):
+        torch.testing.assert_close(tile_margins(q, k, tile, 1 / math.sqrt(D)), margins_by_loops(q, k, tile),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_rows_keep_separate_masks():
+    """Row 0 of a batched cond+uncond run equals row 0 run alone with its own state."""
+    layout, tile = VideoLayout(4, 4, 4), (8, 8)
+    method = lite_method(tile)
+    steps = [inputs(2, layout.num_tokens) for _ in range(3)]
+    both, alone = StateSlot(), StateSlot()
+    for step, (q, k, v) in enumerate(steps):
+        o2 = method(q, k, v, AttentionMeta(layout=layout, step=step, state=both))
+        o1 = method(q[:1], k[:1], v[:1], AttentionMeta(layout=layout, step=step, state=alone))
+        torch.testing.assert_close(o2[:1], o1, atol=1e-6, rtol=1e-6)
+    assert torch.equal(both.value.skip[:1], alone.value.skip)
+
+
+def test_step_zero_starts_a_new_record_and_bad_state_is_refused():
+    layout, tile = VideoLayout(4, 4, 4), (8, 8)
+    method = lite_method(tile, full_steps=1)
+    slot = StateSlot()
+    q, k, v = inputs(2, layout.num_tokens)
+    method(q, k, v, AttentionMeta(layout=layout, step=0, state=slot))
+    first = slot.value.skip.clone()
+    q2, k2, v2 = inputs(2, layout.num_tokens)
+    method(q2, k2, v2, AttentionMeta(layout=layout, step=0, state=slot))
+    expected = skip_by_rules(margins_by_loops(q2, k2, tile), layout, tile)
+    assert torch.equal(slot.value.skip, expected) and not torch.equal(first, expected)
+    with pytest.raises(ValueError, match="meta.state is None"):
+        method(q, k, v, AttentionMeta(layout=layout, step=0))
+    with pytest.raises(ValueError, match="reset the state slot"):
+        method(q[:1], k[:1], v[:1], AttentionMeta(layout=layout, step=3, state=slot))
+    with pytest.raises(ValueError, match="no skip record"):
+        method(q, k, v, AttentionMeta(layout=layout, step=3, state=StateSlot()))
