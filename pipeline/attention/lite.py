@@ -22,8 +22,9 @@ kept tiles run block-sparse through the backend.
 
 State: a LiteState in meta.state.value (a StateSlot the sampler owns and resets per video); one
 skip mask per batch row, so CFG's cond and uncond rows, batched in one call, stay separate.
-Cost: the margins need the logits, computed in slabs of query rows next to the attention call
-(the kernel cannot report them), so full steps cost about 1.5 dense steps.
+Cost: the kernels cannot report tile maxima, so the full steps form the logits a second time, in
+slabs of query rows (memory-bound: a few dense steps' worth at 100k+ tokens; LiteAttention's
+patched FA3 gets them for free, a fused kernel here would too).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pipeline.attention.base import AttentionMeta, AttentionMethod
 from pipeline.layout import VideoLayout
 
 LOG2E = 1.0 / math.log(2.0)
-_SLAB_ELEMENTS = 1 << 26  # logits per slab of query rows when recording margins (256 MiB fp32)
+_SLAB_ELEMENTS = 1 << 28  # logits per slab of query rows when recording margins (512 MiB in bf16)
 
 
 @dataclass(frozen=True)
@@ -63,25 +64,30 @@ def tile_ids(n: int, tile: tuple[int, int], device: torch.device | str = "cpu") 
 
 def tile_margins(q: torch.Tensor, k: torch.Tensor, tile: tuple[int, int], scale: float,
                  base: SegmentMask | None = None) -> torch.Tensor:
-    """margin (B, H, nQT, nKT) fp32 in log2 units (see the module docstring); q, k (B, N, H, D)."""
+    """margin (B, H, nQT, nKT) fp32 in log2 units (see the module docstring); q, k (B, N, H, D).
+
+    The logits are formed in q's dtype (bf16 on GPU: the decision, not the attention, carries that
+    rounding) one slab of query tiles at a time, reduced to per-(row, k tile) maxima at once; the
+    scale is applied after the max (it is positive)."""
     b, n, h, _ = q.shape
     tq, tk = tile
     nqt, nkt = -(-n // tq), -(-n // tk)
+    whole = (n // tk) * tk  # keys in whole k tiles; the rest form one partial tile
     kt = k.transpose(1, 2).transpose(-1, -2)  # (B, H, D, N)
     out = torch.empty(b, h, nqt, nkt, device=q.device)
     rows = max(1, _SLAB_ELEMENTS // (b * h * n * tq)) * tq  # whole q tiles per slab
-    pad_k = nkt * tk - n
     for start in range(0, n, rows):
         end = min(start + rows, n)
-        s = (q[:, start:end].transpose(1, 2) @ kt).float() * scale  # (B, H, r, N)
+        s = q[:, start:end].transpose(1, 2) @ kt  # (B, H, r, N) raw logits
         if base is not None:
             s = s.masked_fill(~base.token_mask(slice(start, end)), float("-inf"))
-        row_max = s.amax(-1, keepdim=True)  # (B, H, r, 1)
-        s = torch.nn.functional.pad(s, (0, pad_k), value=float("-inf"))
-        tile_max = s.view(b, h, end - start, nkt, tk).amax(-1)  # (B, H, r, nKT)
-        diff = (tile_max - row_max) * LOG2E
-        diff = diff.masked_fill(torch.isneginf(row_max) | torch.isneginf(tile_max), float("-inf"))
-        pad_q = -(end - start) % tq
+        tile_max = [s[..., :whole].unflatten(-1, (n // tk, tk)).amax(-1)] if whole else []
+        if whole < n:
+            tile_max.append(s[..., whole:].amax(-1, keepdim=True))
+        tile_max = torch.cat(tile_max, -1).float() * scale  # (B, H, r, nKT)
+        row_max = tile_max.amax(-1, keepdim=True)  # (B, H, r, 1)
+        diff = ((tile_max - row_max) * LOG2E).masked_fill(torch.isneginf(tile_max), float("-inf"))
+        pad_q = -(end - start) % tq  # a partial last q tile: padded rows never win the max
         diff = torch.nn.functional.pad(diff, (0, 0, 0, pad_q), value=float("-inf"))
         out[:, :, start // tq:start // tq + diff.shape[2] // tq] = diff.view(b, h, -1, tq, nkt).amax(3)
     return out
