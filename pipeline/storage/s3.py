@@ -110,12 +110,12 @@ class S3Writer(ObjectWriter):
             if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") == "NoSuchUpload":
                 return  # already gone
             raise StorageError(self.uri, f"could not abort multipart upload {self.upload_id} "
-                                         f"({self.store.reason(e)}); S3Store.abort_incomplete() or a "
+                                         f"({self.store.error_reason(e)}); S3Store.abort_incomplete() or a "
                                          "lifecycle rule AbortIncompleteMultipartUpload removes it") from None
 
     def _fail(self, e: Exception, what: str) -> None:
         """Abort the upload and raise one line about the first failure."""
-        reason = e.reason if isinstance(e, StorageError) else self.store.reason(e)
+        reason = e.reason if isinstance(e, StorageError) else self.store.error_reason(e)
         try:
             self.abort()
         except StorageError as abort_error:
@@ -167,7 +167,7 @@ class S3Store(ObjectStore):
         return f"S3Store({self.root!r}, endpoint={_public_endpoint(self.endpoint_url)!r})"
 
     # --- errors ---------------------------------------------------------------------------------
-    def reason(self, e: Exception) -> str:
+    def error_reason(self, e: Exception) -> str:
         """One line for a botocore error; never includes credentials."""
         if isinstance(e, ClientError):
             err = e.response.get("Error", {})
@@ -187,7 +187,7 @@ class S3Store(ObjectStore):
     def _raise(self, key: str, e: Exception) -> None:
         if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
             raise ObjectNotFound(self.uri(key)) from None
-        raise StorageError(self.uri(key), self.reason(e)) from None
+        raise StorageError(self.uri(key), self.error_reason(e)) from None
 
     # --- objects --------------------------------------------------------------------------------
     def _full(self, key: str) -> str:
@@ -222,7 +222,7 @@ class S3Store(ObjectStore):
             for page in pages:
                 keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
         except (ClientError, BotoCoreError) as e:
-            raise StorageError(f"{self.root}/{prefix}", self.reason(e)) from None
+            raise StorageError(f"{self.root}/{prefix}", self.error_reason(e)) from None
         return sorted(keys)
 
     def delete(self, key: str) -> None:
@@ -245,5 +245,5 @@ class S3Store(ObjectStore):
                                                        UploadId=up["UploadId"])
                     aborted.append(up["Key"][strip:])
         except (ClientError, BotoCoreError) as e:
-            raise StorageError(f"{self.root}/{prefix}", self.reason(e)) from None
+            raise StorageError(f"{self.root}/{prefix}", self.error_reason(e)) from None
         return aborted
