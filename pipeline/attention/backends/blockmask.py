@@ -151,15 +151,17 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def flex_block_mask(masks: Sequence[SegmentMask], nq: int, nk: int, batch: int, heads: int,
-                    block: int = FLEX_BLOCK):
-    """A FlexAttention BlockMask for the AND of `masks`: partial blocks carry the mask_mod."""
+                    block: int = FLEX_BLOCK, for_backward: bool = True):
+    """A FlexAttention BlockMask for the AND of `masks`: partial blocks carry the mask_mod.
+    for_backward=False skips the transposed (q-side) lists only the backward pass reads."""
     from torch.nn.attention.flex_attention import BlockMask
 
     visit, full = block_lists(masks, nq, nk, block, block, batch, heads)
     partial_count, partial_index = _ordered(visit & ~full)
     full_count, full_index = _ordered(full)
     return BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index,
-                                    BLOCK_SIZE=block, mask_mod=_mask_mod(masks), seq_lengths=(nq, nk))
+                                    BLOCK_SIZE=block, mask_mod=_mask_mod(masks), seq_lengths=(nq, nk),
+                                    compute_q_blocks=for_backward)
 
 
 @functools.cache
@@ -176,7 +178,8 @@ def flex_block_sparse(q, k, v, masks: Sequence[SegmentMask], scale: float | None
     from torch.nn.attention.flex_attention import flex_attention
 
     b, nq, h, _ = q.shape
-    block_mask = flex_block_mask(masks, nq, k.shape[1], b, h, block)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    block_mask = flex_block_mask(masks, nq, k.shape[1], b, h, block, for_backward=grad)
     attend = _compiled_flex() if compiled else flex_attention
     o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
     return o.transpose(1, 2)
