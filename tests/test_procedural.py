@@ -14,7 +14,8 @@ from pipeline.layout import pixel_frames, shot_latent_frames, shot_pixel_frames
 from pipeline.procedural import (COLOURS, MOTIONS, NUM_ATTRIBUTE_IDS, SHAPES, CaptionError, ShotSpec, Subject,
                                  attribute_ids, format_caption, iter_batches, parse_caption, render_shot,
                                  sample_script, sample_video, spec_from_ids)
-from pipeline.procedural.checker import classify_motion, count_turns, score_video
+from pipeline.procedural.checker import (classify_motion, count_turns, label_pixels, majority_mask, measure_blobs,
+                                        score_video)
 from pipeline.procedural.videofile import save_clip, sidecar_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,10 +99,12 @@ def test_captions_round_trip():
             assert parse_caption(format_caption(spec)) == spec
             assert spec_from_ids(attribute_ids(spec)) == spec
             ids = attribute_ids(spec)
-            assert ids.shape == (7,) and ids.max() < NUM_ATTRIBUTE_IDS and (ids[4:] == 0).all() == (len(spec.subjects) == 1)
+            assert ids.shape == (7,) and ids.max() < NUM_ATTRIBUTE_IDS
+            assert (ids[4:] == 0).all() == (len(spec.subjects) == 1)  # slots of an absent second subject
     caption = "a red circle moves right and a white square stays still on a blue background"
     spec = parse_caption(caption)
-    assert spec == ShotSpec((Subject("circle", "red", "moves right"), Subject("square", "white", "stays still")), "blue")
+    assert spec == ShotSpec((Subject("circle", "red", "moves right"), Subject("square", "white", "stays still")),
+                            "blue")
     assert format_caption(spec) == caption
     # the demo config's wording reads as the canonical phrases
     assert parse_caption("The red circle bounces up and down over a green background.").caption == \
@@ -156,6 +159,15 @@ def test_ground_truth_scores_near_one_noise_near_zero_swaps_lower():
         assert swap <= truth - 0.1, (seed, truth, swap)
 
 
+def test_blobs_measured_in_chunks_equal_all_at_once():
+    frames = render_shot("a red square bounces and a white triangle grows on a black background", 20, 48, 48,
+                         np.random.default_rng(0))
+    mask = majority_mask(label_pixels(frames), 2)  # red
+    whole, chunked = measure_blobs(mask, chunk_frames=64), measure_blobs(mask, chunk_frames=6)
+    assert all(np.array_equal(a, b) for a, b in zip(vars(whole).values(), vars(chunked).values()))
+    assert whole.seen.all() and np.allclose(whole.fill, 1.0, atol=0.05)
+
+
 def test_checker_refuses_mismatched_inputs():
     shots, captions = sample_video(0, 2, 1.0, 8, 32, 32)
     frames = np.concatenate(shots)
@@ -177,8 +189,9 @@ def test_entry_point_after_a_libx264_round_trip(tmp_path, capsys):
 
     assert eval_main([str(truth)]) == 0  # in-process: the per-shot table
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["shot", "frames", "background"] and len(out) == 1 + 3 + 1
-    assert float(out[-1].removeprefix("score=")) >= 0.95
+    assert out[0].split()[:3] == ["shot", "frames", "background"]
+    assert len(out) == 1 + 3 + 2  # header, a row per shot, "all", score=
+    assert out[-2].startswith("all") and float(out[-1].removeprefix("score=")) >= 0.95
 
     run = subprocess.run([sys.executable, "-m", "jobs.eval_tiny", str(truth), str(noise)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

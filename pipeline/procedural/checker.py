@@ -20,7 +20,7 @@ MAX_COLOUR_DISTANCE of it, and a 3x3 majority filter drops isolated pixels (enco
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import numpy as np
@@ -117,9 +117,17 @@ class Blobs:
     seen: np.ndarray  # bool: a compact blob of plausible size
 
 
-def measure_blobs(mask: np.ndarray) -> Blobs:
-    """The main blob of a (F, H, W) bool mask in each frame, vectorised over frames. Its box is the
-    contiguous run of occupied rows (columns) around the median pixel's row (column)."""
+def measure_blobs(mask: np.ndarray, chunk_frames: int = 64) -> Blobs:
+    """The main blob of a (F, H, W) bool mask in each frame, vectorised over up to `chunk_frames`
+    frames at a time (bounded memory). Its box is the contiguous run of occupied rows (columns)
+    around the median pixel's row (column)."""
+    if len(mask) > chunk_frames:
+        parts = [_measure_blobs(mask[i:i + chunk_frames]) for i in range(0, len(mask), chunk_frames)]
+        return Blobs(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Blobs)))
+    return _measure_blobs(mask)
+
+
+def _measure_blobs(mask: np.ndarray) -> Blobs:
     h, w = mask.shape[1:]
     y0, y1 = _run_around_median(mask.sum(2))
     x0, x1 = _run_around_median(mask.sum(1))
@@ -139,14 +147,16 @@ def measure_blobs(mask: np.ndarray) -> Blobs:
     drop = np.where(present, (cy - y0) / (y1 - y0 + 1), 0.5)
     frac = area / (h * w)
     seen = (frac >= MIN_AREA) & (frac <= MAX_AREA) & (fill >= MIN_FILL)
-    return Blobs(area, cx / w, cy / h, fill, drop, np.where(present, top, 0.0), np.where(present, bottom, 0.0), seen)
+    return Blobs(area, cx / w, cy / h, fill, drop, top_corners=np.where(present, top, 0.0),
+                 bottom_corners=np.where(present, bottom, 0.0), seen=seen)
 
 
 def classify_shape(blobs: Blobs) -> np.ndarray:
     """(F,) index into SHAPES of each frame's blob (meaningful where blobs.seen)."""
     triangle = (blobs.drop - 0.5) * 6 + blobs.bottom_corners - blobs.top_corners >= TRIANGLE_MIN_EVIDENCE
     square = (blobs.top_corners + blobs.bottom_corners) / 2 >= SQUARE_MIN_CORNERS
-    return np.where(triangle, SHAPES.index("triangle"), np.where(square, SHAPES.index("square"), SHAPES.index("circle")))
+    otherwise = np.where(square, SHAPES.index("square"), SHAPES.index("circle"))
+    return np.where(triangle, SHAPES.index("triangle"), otherwise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +245,13 @@ class VideoReport:
     def score(self) -> float:
         return float(np.mean([c for shot in self.shots for c in shot.checks()]))
 
+    def check_mean(self, name: str) -> float | None:
+        """One kind of check ("background", "colour", "shape", "motion", "consistent") over all shots."""
+        if name == "background":
+            return float(np.mean([s.background for s in self.shots]))
+        values = [getattr(r, name) for s in self.shots for r in s.subjects if getattr(r, name) is not None]
+        return float(np.mean(values)) if values else None
+
 
 def _measure_subject(labels: np.ndarray, subject: Subject) -> SubjectReport:
     blobs = measure_blobs(majority_mask(labels, COLOUR_NAMES.index(subject.colour)))
@@ -314,14 +331,18 @@ def _render_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_report(report: VideoReport) -> str:
-    """One row per shot: frame range, each check (averaged over the shot's subjects), what was seen."""
+    """One row per shot: frame range, each check (averaged over the shot's subjects), what was seen;
+    then a row of each check over all shots."""
     rows = [[str(s.index), f"{s.frames[0]}-{s.frames[1] - 1}", *(_cell(_check_value(s, c)) for c in _CHECKS),
              f"{s.score:.2f}", _seen(s), s.caption] for s in report.shots]
+    rows.append(["all", f"0-{report.shots[-1].frames[1] - 1}", *(_cell(report.check_mean(c)) for c in _CHECKS),
+                 f"{report.score:.2f}", "", ""])
     return _render_table(["shot", "frames", *_CHECKS, "mean", "seen", "caption"], rows)
 
 
 def format_comparison(reports: Sequence[VideoReport], names: Sequence[str]) -> str:
-    """One column per video, one row per (shot, check), then each shot's mean and the score."""
+    """One column per video: a row per (shot, check) and per shot mean, then each check over all shots,
+    then the score."""
     rows = []
     for i in range(max(len(r.shots) for r in reports)):
         shots = [r.shots[i] if i < len(r.shots) else None for r in reports]
@@ -330,5 +351,7 @@ def format_comparison(reports: Sequence[VideoReport], names: Sequence[str]) -> s
             if any(v is not None for v in values):
                 rows.append([f"shot {i} {check}", *map(_cell, values)])
         rows.append([f"shot {i} mean", *(_cell(s.score if s else None) for s in shots)])
+    for check in _CHECKS:
+        rows.append([f"all {check}", *(_cell(r.check_mean(check)) for r in reports)])
     rows.append(["score", *(f"{r.score:.3f}" for r in reports)])
     return _render_table(["check", *names], rows)

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline.layout import shot_latent_frames, shot_pixel_frames
-from pipeline.procedural.scenes import COLOURS, ShotSpec, attribute_ids, sample_script
+from pipeline.procedural.scenes import COLOURS, ShotSpec, attribute_ids, parse_caption, sample_script
 
 HALF_EXTENT = {1: 0.2, 2: 0.14}  # subject half-extent / min(H, W), by the number of subjects in the shot
 SCALE_RANGE = (0.6, 1.4)  # grows: first -> last frame scale; shrinks: the reverse
@@ -97,8 +97,12 @@ def draw_shot(spec: ShotSpec, tracks: list[Track], height: int, width: int) -> n
     return frames
 
 
-def render_shot(spec: ShotSpec, num_frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """(num_frames, height, width, 3) uint8 frames of one shot; the rng places the subjects."""
+def render_shot(spec: ShotSpec | str, num_frames: int, height: int, width: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """(num_frames, height, width, 3) uint8 frames of one shot (a ShotSpec or its caption); the rng
+    places the subjects."""
+    if isinstance(spec, str):
+        spec = parse_caption(spec)
     if num_frames < 1 or height < 1 or width < 1:
         raise ValueError(f"render_shot needs num_frames, height, width >= 1, got {num_frames}, {height}, {width}")
     return draw_shot(spec, plan_tracks(spec, num_frames, height, width, rng), height, width)

@@ -41,7 +41,7 @@ def read_sidecar(path: str | Path) -> Sidecar:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise VideoFileError(f"{path}: sidecar not found (expected the captions in NAME.json beside NAME.mp4)") from None
+        raise VideoFileError(f"{path}: sidecar not found (the captions go in NAME.json beside NAME.mp4)") from None
     except json.JSONDecodeError as e:
         raise VideoFileError(f"{path}: not valid JSON (line {e.lineno})") from None
     if not isinstance(data, dict):
