@@ -30,10 +30,12 @@ def _fmt(resources: dict) -> str:
 class WorkerGroup:
     """`cfg` is the (batch-wide) Config: parallel.degree ranks with cluster.{gpus,cpus}_per_worker each."""
 
-    def __init__(self, cfg, name: str = "group", load_model: bool = True):
+    def __init__(self, cfg, name: str = "group", gpus_per_worker: float | None = None, load_model: bool = True):
+        """`gpus_per_worker` as resolved for this cluster (actors.batch.worker_gpus); default the config's."""
         self.cfg, self.name, self.load_model = cfg, name, load_model
         self.size = cfg.parallel.degree
-        self.gpus, self.cpus = float(cfg.cluster.gpus_per_worker), float(cfg.cluster.cpus_per_worker)
+        self.gpus = float(cfg.cluster.gpus_per_worker if gpus_per_worker is None else gpus_per_worker)
+        self.cpus = float(cfg.cluster.cpus_per_worker)
         self.pg = None
         self.workers: list = []  # actor handles in rank order
         self.placements: list[Placement] = []

@@ -1,7 +1,7 @@
 """One local Ray cluster per test session, shared by every test module that needs one.
 
 Modules take it through a fixture that calls `local_ray`; the first call starts the cluster, later
-calls reuse it, and Ray shuts it down at exit. Workers inherit the environment at start, so S3
+calls reuse it; it stops at exit. Workers inherit the environment at start, so S3
 credentials (the s3_server fixture) must be set before: fixtures ask for s3_server first."""
 
 from __future__ import annotations
@@ -15,12 +15,19 @@ import tempfile
 NUM_CPUS = 4
 
 
+def _stop(temp_dir: str) -> None:
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def local_ray():
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file written to ~/.ray
         temp_dir = tempfile.mkdtemp(prefix="longreel-ray-")
-        atexit.register(shutil.rmtree, temp_dir, True)  # registered first: runs after Ray's own shutdown
+        atexit.register(_stop, temp_dir)
         ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
     return ray

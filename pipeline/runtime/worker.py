@@ -56,6 +56,24 @@ def tcp_address(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
+def select_device(visible_devices: str | None, index: int | None) -> str:
+    """Make the group's GPUs on this node visible and select this process's one; None: CPU.
+
+    All processes of a group on a node see all of the group's GPUs there (as vLLM and Ray Train do)
+    rather than only their own: NCCL then finds its peers' devices for P2P/NVLink transport, and
+    device indices agree across ranks. Must run before anything initialises CUDA in this process."""
+    if visible_devices is None:
+        # A CPU worker on a GPU node: Ray leaves zero-GPU actors all GPUs visible; hide them so
+        # nothing here (model.device=auto) takes a GPU the cluster gave to another worker.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return "cpu"
+    import torch
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
+
+
 class Worker:
     """One rank. `parallel` is the ParallelConfig; `model` the ModelConfig (loaded in phase 3)."""
 
@@ -72,19 +90,7 @@ class Worker:
 
     # --- phase 1: device --------------------------------------------------------------------------
     def set_device(self, visible_devices: str | None, index: int | None) -> str:
-        """Make the group's GPUs on this node visible and select this rank's one; None: CPU.
-
-        All workers of a node see all of the group's GPUs there (as vLLM and Ray Train do) rather than
-        only their own: NCCL then finds its peers' devices for P2P/NVLink transport, and device
-        indices agree across ranks. Must run before anything initialises CUDA in this process."""
-        import torch
-
-        if visible_devices is None:
-            self.device = "cpu"
-            return self.device
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
-        torch.cuda.set_device(index)
-        self.device = f"cuda:{index}"
+        self.device = select_device(visible_devices, index)
         return self.device
 
     # --- phase 2: process group -------------------------------------------------------------------
