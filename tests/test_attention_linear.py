@@ -31,7 +31,8 @@ def random_rope(n):
 def rotate(x, theta):
     """x (B, n, H, D): pairs (x[2i], x[2i+1]) as complex numbers times e^{i theta}."""
     z = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(z * torch.polar(torch.ones_like(theta.double()), theta.double())[None, :, None]).flatten(-2)
+    turn = torch.polar(torch.ones_like(theta.double()), theta.double())[None, :, None]  # (1, n, 1, D/2)
+    return torch.view_as_real(z * turn).flatten(-2)
 
 
 def expected(q, k, v, theta, sees, eps=1e-15):
@@ -179,3 +180,15 @@ def test_output_dtype_and_bad_inputs():
     with pytest.raises(ValueError, match="carried state"):
         method(q, k, v, AttentionMeta(layout=layout, rope=rope, state=StateSlot(LinearState.zeros(3, H, D))))
     assert method.flops(AttentionMeta(layout=layout), q.shape) == 4.0 * B * layout.num_tokens * H * D * (D + 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+def test_linear_on_cuda_equals_the_formula():
+    layout = VideoLayout(6, 8, 8, block_frames=(2, 2, 2))
+    n = layout.num_tokens
+    q, k, v = inputs(n)
+    rope, theta = random_rope(n)
+    blk = token_blocks(layout)
+    o = linear_method(True)(q.cuda(), k.cuda(), v.cuda(),
+                            AttentionMeta(layout=layout, rope=(rope[0].cuda(), rope[1].cuda())))
+    torch.testing.assert_close(o.cpu(), expected(q, k, v, theta, blk[None, :] <= blk[:, None]), atol=1e-4, rtol=1e-4)

@@ -132,3 +132,20 @@ def test_step_zero_starts_a_new_record_and_bad_state_is_refused():
         method(q[:1], k[:1], v[:1], AttentionMeta(layout=layout, step=3, state=slot))
     with pytest.raises(ValueError, match="no skip record"):
         method(q, k, v, AttentionMeta(layout=layout, step=3, state=StateSlot()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+def test_lite_on_cuda_matches_cpu_decisions_and_reference():
+    """fp32 on CUDA: the same skip record as on CPU, and the sparse steps equal masked dense."""
+    layout, tile = VideoLayout(10, 16, 20), (128, 128)  # 3200 tokens: a partial last tile
+    method_gpu, method_cpu = (build_method(OmegaConf.merge(OmegaConf.structured(AttentionConfig), {
+        "method": "lite", "lite": {"full_steps": 2, "threshold": -6.0, "tile": list(tile)}}), device=dev)
+        for dev in ("cuda", "cpu"))
+    gpu, cpu = StateSlot(), StateSlot()
+    for step in range(3):
+        ramp = torch.linspace(0.5, 6.0, layout.num_tokens)[None, :, None, None]  # sharper attention later on
+        q, k, v = (t * ramp for t in inputs(2, layout.num_tokens))
+        o = method_gpu(q.cuda(), k.cuda(), v.cuda(), AttentionMeta(layout=layout, step=step, state=gpu))
+        expected = method_cpu(q, k, v, AttentionMeta(layout=layout, step=step, state=cpu))
+        torch.testing.assert_close(o.cpu(), expected, atol=2e-4, rtol=2e-4)
+    assert torch.equal(gpu.value.skip.cpu(), cpu.value.skip) and 0 < cpu.value.skip.float().mean() < 1
