@@ -109,11 +109,15 @@ class LiteAttention(AttentionMethod):
     name = "lite"
     has_state = True
 
+    def __init__(self, cfg, backend):
+        super().__init__(cfg, backend)
+        if cfg.lite.base != "dense":  # refuse at build time, before any step runs
+            raise ValueError(f"attention.lite.base: {cfg.lite.base!r} is not wired yet (only dense; stga waits "
+                             f"for StgaAttention's mask)")
+
     def base_mask(self, layout: VideoLayout, device: torch.device) -> SegmentMask | None:
-        """The mask the skips refine: None for dense."""
-        if self.cfg.lite.base == "dense":
-            return None
-        raise ValueError(f"attention.lite.base: {self.cfg.lite.base!r} is not supported by this build (dense)")
+        """The mask the skips refine: None for dense (the only base wired so far)."""
+        return None
 
     def _base_attention(self, q, k, v, base: SegmentMask | None):
         return self.backend.dense(q, k, v) if base is None else self.backend.block_sparse(q, k, v, (base,))
