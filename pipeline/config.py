@@ -80,7 +80,9 @@ class ModelConfig:
 class MogaConfig:
     num_groups: int = 5  # M
     balance_weight: float = 1e-3  # alpha of L_gb = alpha * M * sum_i F_i * P_i
-    router_init: str = "checkpoint"  # checkpoint | kmeans (training-free, frozen per video) | random
+    # auto: the weights' routers when they ship some, else kmeans | checkpoint | kmeans (training-free:
+    # centroids of the first step's hidden states, frozen for the video) | random
+    router_init: str = "auto"
     kmeans_iters: int = 10
 
 
@@ -351,9 +353,12 @@ def validate(cfg: Config) -> None:
 
     a = cfg.attention
     _one_of("attention.method", a.method, method_names())
+    if m.family == "sana":  # SANA-Video is trained with linear self-attention
+        _check(a.method == "linear", "attention.method", a.method,
+               f"{m.preset} uses linear self-attention: set attention=linear")
     _one_of("attention.merge", a.merge, ("lse", "sum"))
     _check(a.moga.num_groups >= 1, "attention.moga.num_groups", a.moga.num_groups, "must be >= 1")
-    _one_of("attention.moga.router_init", a.moga.router_init, ("checkpoint", "kmeans", "random"))
+    _one_of("attention.moga.router_init", a.moga.router_init, ("auto", "checkpoint", "kmeans", "random"))
     _check(len(a.stga.window) == 3 and min(a.stga.window) >= 1, "attention.stga.window",
            list(a.stga.window), "must be three sizes >= 1 (t, y, x)")
     _check(a.moc.top_k >= 0, "attention.moc.top_k", a.moc.top_k, "must be >= 0")

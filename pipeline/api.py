@@ -1,0 +1,124 @@
+"""The Python API: Pipeline generates videos in this process; submit() sends a batch to a Ray cluster.
+
+This is the one module of pipeline/ that meets Ray (submit); Pipeline itself needs none.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, build_config, load_config, to_dict
+
+
+@dataclass
+class GenerationResult:
+    name: str
+    video_uri: str
+    metadata_uri: str
+    frames: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Load a model once, generate videos with it (one process; P = 1)."""
+
+    def __init__(self, cfg: Config):
+        from pipeline.models import build_adapter, load_model
+        from pipeline.sampling.denoise import Denoiser
+
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.bundle = load_model(cfg.model)
+        self.adapter = build_adapter(self.bundle, cfg.attention)
+        self.denoiser = Denoiser(self.adapter, self.bundle, cfg)
+        self.load_s = time.perf_counter() - t0
+
+    @classmethod
+    def from_config(cls, cfg: Config | str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "Pipeline":
+        if cfg is None or isinstance(cfg, (str, Path)):
+            cfg = load_config(cfg, overrides)
+        elif overrides:
+            cfg = build_config(to_dict(cfg), [tuple(o.split("=", 1)) for o in overrides])
+        return cls(cfg)
+
+    def _video_config(self, video: dict[str, Any] | None) -> Config:
+        """The pipeline's config with this video's fields (name, shots, seed, ...) merged in."""
+        if not video:
+            return self.cfg
+        data = to_dict(self.cfg)
+        data["video"] = {**data["video"], **video}
+        return build_config(data)
+
+    def generate(self, video: dict[str, Any] | None = None, progress: bool = True) -> GenerationResult:
+        """Generate one video (the config's, or `video` = {name, shots, seed, ...} merged into it),
+        write NAME.mp4 and NAME.json to the configured store, and return where they are."""
+        from pipeline.runtime.progress import ProgressDisplay
+        from pipeline.sampling.plan import ShotPlan
+        from pipeline.storage import open_store
+        from pipeline.video.writer import VideoWriter
+
+        cfg = self._video_config(video)
+        t0 = time.perf_counter()
+        plan = ShotPlan.from_config(cfg, self.bundle.transformer.config.in_channels)
+        store = open_store(cfg.storage)
+        states = self.adapter.new_states()
+        self.adapter.reset_routers()
+        display = ProgressDisplay() if progress else None
+        meter = _StepMeter(cfg.video.name, plan, cfg.sampling.steps, display)
+        try:
+            with VideoWriter(store, cfg.video.name, self.bundle.vae, cfg.video.fps, cfg.output) as writer:
+                text = self.denoiser.encode(plan)
+                for block in plan.blocks:
+                    latents = self.denoiser.denoise_block(plan, block, text, states, progress=meter.step)
+                    meter.block_done()
+                    writer.write_block(latents)
+                timings = {"load_s": round(self.load_s, 3), "denoise_s": round(meter.denoise_s, 3),
+                           "wall_s": round(time.perf_counter() - t0, 3)}
+                info = writer.finish(video_metadata(cfg, plan, timings, self.adapter))
+        finally:
+            if display is not None:
+                display.close()
+        return GenerationResult(cfg.video.name, info["mp4"]["uri"], info["mp4"]["json_uri"], info["mp4"]["frames"],
+                                timings)
+
+
+class _StepMeter:
+    """Turns per-step callbacks into Progress reports (block, step, tokens/s, ETA)."""
+
+    def __init__(self, name: str, plan, steps: int, display):
+        from pipeline.runtime.progress import Progress
+
+        self.plan, self.display = plan, display
+        self.progress = Progress(name, "denoising", 0, len(plan.blocks), 0, steps)
+        self.total = sum(b.layout.num_tokens for b in plan.blocks) * steps  # token-steps of the video
+        self.done, self.denoise_s, self._t = 0, 0.0, time.perf_counter()
+
+    def step(self, block: int, step: int, steps: int) -> None:
+        from dataclasses import replace
+
+        now = time.perf_counter()
+        self.denoise_s, self._t = self.denoise_s + now - self._t, now
+        self.done += self.plan.blocks[block].layout.num_tokens
+        rate = self.done / self.denoise_s if self.denoise_s else 0.0
+        self.progress = replace(self.progress, block=block, step=step, tokens_per_s=rate,
+                                eta_s=(self.total - self.done) / rate if rate else None)
+        if self.display is not None:
+            self.display.update(self.progress)
+
+    def block_done(self) -> None:
+        self._t = time.perf_counter()  # what happens between blocks (decode, encode) is not denoising
+
+
+def video_metadata(cfg: Config, plan, timings: dict, adapter=None) -> dict:
+    """What NAME.json records: the config (no credentials: they never enter it), plan, timings."""
+    meta = {"config": to_dict(cfg), "video": to_dict(cfg)["video"], "plan": plan.to_dict(),
+            "model": {"preset": cfg.model.preset, "family": cfg.model.family, "path": cfg.model.path or None},
+            "attention": {"method": cfg.attention.method}, "timings": timings}
+    if adapter is not None and adapter.last_meta:
+        pairs = [m.stats.get("pairs") for m in adapter.last_meta.values() if m.stats.get("pairs")]
+        if pairs:
+            meta["attention"]["mean_pairs_last_step"] = float(sum(pairs) / len(pairs))
+    return meta
