@@ -1,0 +1,185 @@
+"""Context-parallel attention equals one rank: every method of the registry under Ulysses (and linear
+under the state strategy) over real gloo groups of 2 and 4 processes, against the same method run on
+the whole sequence in one process (fp32, max |error| <= 1e-5). Pad, routing gather, carried state,
+block-causal shards that cut a block, and a rank that holds only pad are all exercised."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from pipeline.attention import METHODS, build_method
+from pipeline.attention.base import AttentionMeta, Routing, StateSlot
+from pipeline.config import AttentionConfig
+from pipeline.layout import VideoLayout
+from pipeline.parallel.groups import ParallelContext, Rendezvous, close_group, free_port, init_group
+from pipeline.parallel.shard import ShardPlan, gather, plan_for, shard
+from pipeline.parallel.state import StateParallelAttention
+from pipeline.parallel.ulysses import UlyssesAttention, check_heads, gather_routing
+
+B, H, D = 2, 4, 8
+TOL = 1e-5
+# 5 frames of 3x3 tokens, two shots, two blocks: N = 45 does not divide by 2 or 4 (pad on the last
+# ranks); cut on frames over 4 ranks, the last rank holds only pad.
+LAYOUT = VideoLayout(frames=5, height=3, width=3, shot_frames=(2, 3), block_frames=(2, 3))
+
+
+def spawn(world: int, fn, *args) -> None:
+    """Run fn(ctx, *args) on `world` gloo ranks in fresh processes; a failing rank fails the test."""
+    mp.spawn(_rank_main, args=(world, free_port("127.0.0.1"), fn, args), nprocs=world, join=True)
+
+
+def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
+    torch.set_num_threads(1)
+    ctx = init_group(Rendezvous("127.0.0.1", port, rank, world, "gloo", timeout_s=60))
+    try:
+        fn(ctx, *args)
+    finally:
+        close_group(ctx)
+
+
+def method(name: str, **section):
+    cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), {"method": name, **section})
+    return build_method(cfg)
+
+
+def rope(n: int, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) (1, N, 1, D) in the interleaved layout apply_rope reads."""
+    angle = torch.rand(1, n, 1, D // 2, generator=torch.Generator().manual_seed(seed)) * 2 * math.pi
+    return angle.cos().repeat_interleave(2, -1), angle.sin().repeat_interleave(2, -1)
+
+
+def qkv(n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, n, H, D, generator=g) for _ in range(3))
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    err = (got - want).abs().max().item()
+    assert err <= TOL, f"{what}: max |error| {err:.3g} > {TOL}"
+
+
+# --- per-rank checks (run inside spawned ranks) ------------------------------------------------------
+def check_ulysses_methods(ctx: ParallelContext) -> None:
+    """dense, moc, lite (3 steps, its skip state per rank) and linear (all-gathered rope) under Ulysses."""
+    plan = plan_for(LAYOUT, ctx.world, by_frames=False)
+    cases = {
+        "dense": dict(),
+        "moc": dict(moc={"chunk_frames": 1, "top_k": 1, "local_frames": 0}),
+        "lite": dict(lite={"base": "dense", "full_steps": 1, "threshold": -2.0, "tile": [4, 4]}),
+        "linear": dict(linear={"causal": True}),
+    }
+    assert set(cases) | {"moga", "stga", "moga+stga"} >= set(METHODS), "a new method needs a case here"
+    full_rope = rope(LAYOUT.num_tokens)
+    for name, section in cases.items():
+        one, many = method(name, **section), UlyssesAttention(method(name, **section), ctx)
+        slot_one, slot_many = StateSlot(), StateSlot()
+        for step in range(3 if name == "lite" else 1):
+            q, k, v = qkv(LAYOUT.num_tokens, seed=step)
+            meta = AttentionMeta(LAYOUT, step=step, rope=full_rope, state=slot_one)
+            want = one(q, k, v, meta)
+            local = replace(meta, rope=tuple(shard(t, plan, ctx.rank) for t in full_rope), state=slot_many, stats={})
+            got = many(*(shard(t, plan, ctx.rank) for t in (q, k, v)), local)
+            assert got.shape == (B, plan.local_len, H, D)
+            assert_close(gather(got, plan, ctx), want, f"{name} step {step} P={ctx.world}")
+            if name == "lite" and step > 0:
+                assert local.stats["density"] < 1.0  # skips in force, on this rank's heads
+                skip_heads = slot_one.value.skip[:, ctx.rank * H // ctx.world:(ctx.rank + 1) * H // ctx.world]
+                assert torch.equal(slot_many.value.skip, skip_heads)
+
+
+def check_routing_gather(ctx: ParallelContext) -> None:
+    """Local (B, L) group ids and gates -> the whole sequence's, pad dropped, dtypes kept."""
+    plan = plan_for(LAYOUT, ctx.world, by_frames=False)
+    g = torch.Generator().manual_seed(3)
+    groups, gate = torch.randint(0, 5, (B, LAYOUT.num_tokens), generator=g), torch.rand(B, LAYOUT.num_tokens, generator=g)
+    full = gather_routing(Routing(shard(groups, plan, ctx.rank), shard(gate, plan, ctx.rank), 5), ctx,
+                          LAYOUT.num_tokens)
+    assert full.groups.dtype == torch.int64 and full.num_groups == 5
+    assert torch.equal(full.groups, groups) and torch.equal(full.gate, gate)
+
+
+def check_linear_state(ctx: ParallelContext, by_frames: bool) -> None:
+    """Linear under the state strategy: bidirectional and block-causal, two blocks of a video with the
+    carried state committed by the first, each against one rank."""
+    for causal in (False, True):
+        one = method("linear", linear={"causal": causal})
+        many = StateParallelAttention(method("linear", linear={"causal": causal}), ctx, by_frames)
+        slot_one, slot_many = StateSlot(), StateSlot()
+        for call, layout in enumerate((LAYOUT, replace(LAYOUT, frame_offset=5))):
+            plan = plan_for(layout, ctx.world, by_frames)
+            q, k, v = qkv(layout.num_tokens, seed=10 + call)
+            full_rope = rope(layout.num_tokens, seed=call)
+            meta = AttentionMeta(layout, rope=full_rope, state=slot_one, commit=call == 0)
+            want = one(q, k, v, meta)
+            local = replace(meta, rope=tuple(shard(t, plan, ctx.rank) for t in full_rope), state=slot_many)
+            got = many(*(shard(t, plan, ctx.rank) for t in (q, k, v)), local)
+            what = f"linear causal={causal} call {call} P={ctx.world} by_frames={by_frames}"
+            assert_close(gather(got, plan, ctx), want, what)
+            start, end = plan.token_range(ctx.rank)
+            assert not got[:, end - start:].any(), f"{what}: pad rows are not zero"
+        assert_close(slot_many.value.S, slot_one.value.S, "carried S")
+        assert_close(slot_many.value.z, slot_one.value.z, "carried z")
+
+
+def check_head_error(ctx: ParallelContext) -> None:
+    many = UlyssesAttention(method("dense"), ctx)
+    q = torch.randn(1, plan_for(LAYOUT, ctx.world, False).local_len, 6, D)
+    with pytest.raises(ValueError, match=rf"parallel.degree: {ctx.world} does not divide the 6 attention heads"):
+        many(q, q, q, AttentionMeta(LAYOUT))
+
+
+def all_checks(ctx: ParallelContext) -> None:
+    check_ulysses_methods(ctx)
+    check_routing_gather(ctx)
+    check_linear_state(ctx, by_frames=False)
+    check_linear_state(ctx, by_frames=True)
+    if ctx.world == 4:
+        check_head_error(ctx)
+
+
+# --- tests ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_method_on_p_ranks_equals_one_rank(world):
+    spawn(world, all_checks)
+
+
+def test_shard_plan_cuts_tokens_and_frames():
+    tokens, frames = plan_for(LAYOUT, 4, False), plan_for(LAYOUT, 4, True)
+    assert (tokens.local_len, tokens.pad) == (12, 3)
+    assert [tokens.token_range(r) for r in range(4)] == [(0, 12), (12, 24), (24, 36), (36, 45)]
+    assert (frames.local_len, frames.pad) == (18, 27)
+    assert [frames.unit_range(r) for r in range(4)] == [(0, 2), (2, 4), (4, 5), (5, 5)]
+    x = torch.arange(45).view(1, 45)
+    assert torch.equal(shard(x, tokens, 3), torch.tensor([list(range(36, 45)) + [0, 0, 0]]))
+    with pytest.raises(ValueError, match="do not split into units of 9"):
+        ShardPlan(44, 2, 9)
+
+
+def test_heads_not_divisible_is_one_line():
+    check_heads(12, 4)
+    with pytest.raises(ValueError) as e:
+        check_heads(12, 5)
+    assert str(e.value) == ("parallel.degree: 5 does not divide the 12 attention heads (Ulysses shards heads "
+                            "over ranks; use one of 1, 2, 3, 4, 6, 12)")
+
+
+def test_rendezvous_from_torchrun_env(monkeypatch):
+    for key, value in {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    rdzv = Rendezvous.from_env(timeout_s=30)
+    assert (rdzv.init_method, rdzv.rank, rdzv.world) == ("tcp://10.0.0.1:29500", 1, 2)
+    assert rdzv.backend_for(torch.device("cpu")) == "gloo" and rdzv.backend_for(torch.device("cuda", 0)) == "nccl"
+    assert Rendezvous("::1", 1, 0, 1).init_method == "tcp://[::1]:1"
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ValueError, match="RANK not set"):
+        Rendezvous.from_env()
+    with pytest.raises(ValueError, match="parallel.backend: unknown backend 'mpi'"):
+        Rendezvous("h", 1, 0, 1, "mpi")
+    with pytest.raises(ValueError, match="parallel.timeout_s"):
+        Rendezvous("h", 1, 0, 1, timeout_s=0)
