@@ -10,9 +10,10 @@ from pipeline.attention.dense import DenseAttention
 from pipeline.attention.linear import LinearAttention
 from pipeline.attention.lite import LiteAttention
 from pipeline.attention.moc import MocAttention
+from pipeline.attention.moga import MoGAAttention
 
 METHODS: dict[str, type[AttentionMethod]] = {
-    cls.name: cls for cls in (DenseAttention, MocAttention, LiteAttention, LinearAttention)}
+    cls.name: cls for cls in (DenseAttention, MoGAAttention, MocAttention, LiteAttention, LinearAttention)}
 
 
 def method_names() -> list[str]:

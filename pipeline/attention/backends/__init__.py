@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.attention.backends.blockmask import SegmentMask, block_sparse_attention, flex_available
+from pipeline.attention.backends.segments import DEFAULT_MIN_TOKENS, segment_attention
 
 
 @dataclass
@@ -21,6 +22,7 @@ class AttentionBackend:
     name: str
     device: torch.device
     sdpa_order: tuple[SDPBackend, ...]
+    segment_min_tokens: int = DEFAULT_MIN_TOKENS  # segments: one dense call per segment from this mean length up
 
     def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Full attention; q (B, Nq, H, D), k/v (B, Nk, H, D) -> (B, Nq, H, D)."""
@@ -34,6 +36,14 @@ class AttentionBackend:
         (B, N, H, D) in and out. CUDA: FlexAttention over 128-blocks; else SDPA with the mask."""
         use_flex = self.device.type == "cuda" and flex_available()
         return block_sparse_attention(q, k, v, masks, scale, use_flex, self.sdpa_order)
+
+    def segments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                 return_lse: bool = False, counts: Sequence[int] | None = None, scale: float | None = None,
+                 path: str = "auto"):
+        """Attention inside each segment of a packed sequence (varlen): q, k, v (T, H, D), cu_seqlens
+        (S + 1,) int32 -> o (T, H, D) [, lse (H, T) fp32]. Kernel rule: backends/segments.py."""
+        return segment_attention(q, k, v, cu_seqlens, scale, return_lse, counts, path, self.segment_min_tokens,
+                                 self.sdpa_order)
 
 
 def select_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> AttentionBackend:

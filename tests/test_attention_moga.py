@@ -1,0 +1,113 @@
+"""MoGA equals gate * masked dense attention with a same-group mask built here by loops (B = 2, empty
+groups, odd N); the router gets a gradient through the gate; L_gb is alpha for uniform routing and
+larger when routing collapses; k-means routing agrees with the clusters it found."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.attention import build_method
+from pipeline.attention.base import AttentionMeta, Routing
+from pipeline.attention.moga import MoGARouter, group_balance_loss, kmeans_init
+from pipeline.attention.reference import reference_attention
+from pipeline.config import AttentionConfig
+from pipeline.layout import VideoLayout
+
+H, D = 2, 16
+
+
+def moga_method(device="cpu", dtype=torch.float32):
+    cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), {"method": "moga"})
+    return build_method(cfg, device, dtype)
+
+
+def group_mask(groups):
+    """(B, 1, N, N) bool: i sees j iff same group in the same batch row."""
+    rows = groups.tolist()
+    return torch.tensor([[[[gi == gj for gj in row] for gi in row]] for row in rows])
+
+
+def test_moga_equals_gated_reference_with_independent_mask():
+    layout = VideoLayout(3, 3, 5, shot_frames=(1, 2))  # 45 tokens: odd N
+    n, m = layout.num_tokens, 6
+    groups = torch.randint(0, 4, (2, n))  # groups 4 and 5 stay empty in both rows
+    groups[1, :7] = 3  # the two rows group differently
+    gate = torch.rand(2, n)
+    q, k, v = (torch.randn(2, n, H, D) for _ in range(3))
+    meta = AttentionMeta(layout=layout, routing=Routing(groups, gate, m))
+    o = moga_method()(q, k, v, meta)
+    mask = group_mask(groups)
+    want = reference_attention(q, k, v, mask) * gate[:, :, None, None]
+    torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-5)
+    assert meta.stats["pairs"] == mask.sum().item() * H
+    assert moga_method().flops(meta, q.shape) == 4 * D * H * mask.sum().item()
+
+
+def test_moga_refuses_missing_or_partial_routing():
+    layout = VideoLayout(2, 2, 2)
+    q = torch.randn(1, 8, H, D)
+    with pytest.raises(ValueError, match="meta.routing is None"):
+        moga_method()(q, q, q, AttentionMeta(layout=layout))
+    partial = Routing(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4), 2)
+    with pytest.raises(ValueError, match="full sequence"):
+        moga_method()(q, q, q, AttentionMeta(layout=layout, routing=partial))
+
+
+def test_router_gets_gradient_through_the_gate():
+    layout = VideoLayout(2, 3, 4)
+    n, c = layout.num_tokens, 24
+    router = MoGARouter(c, 3, balance_weight=0.0)
+    hidden = torch.randn(2, n, c)
+    routing, _ = router(hidden)
+    q, k, v = (torch.randn(2, n, H, D) for _ in range(3))
+    o = moga_method()(q, k, v, AttentionMeta(layout=layout, routing=routing))
+    (o * torch.randn_like(o)).sum().backward()
+    grad = router.proj.weight.grad
+    assert grad is not None and grad.abs().max() > 0 and torch.isfinite(grad).all()
+
+
+def test_group_balance_loss_uniform_and_collapsed():
+    alpha, m, n = 0.01, 5, 50
+    uniform = torch.full((2, n, m), 1.0 / m)
+    balanced = torch.arange(2 * n).view(2, n) % m
+    assert torch.isclose(group_balance_loss(uniform, balanced, alpha), torch.tensor(alpha))
+    collapsed = torch.full((2, n, m), 0.01)
+    collapsed[..., 0] = 0.96
+    loss = group_balance_loss(collapsed, torch.zeros(2, n, dtype=torch.long), alpha)
+    assert loss > 4 * alpha  # alpha * M * 0.96
+    router = MoGARouter(8, m, alpha)
+    with torch.no_grad():
+        router.proj.weight.zero_()  # uniform probabilities: argmax picks group 0 for every token
+    routing, loss = router(torch.randn(1, n, 8))
+    assert torch.isclose(loss, torch.tensor(alpha))  # F = (1, 0, ...), P = 1/M each: alpha * M * 1/M
+    assert (routing.gate == 1.0 / m).all() and (routing.groups == 0).all()
+
+
+def test_kmeans_router_recovers_clusters():
+    torch.manual_seed(0)
+    m, c, per = 4, 32, 40
+    centres = torch.nn.functional.normalize(torch.randn(m, c), dim=-1) * 5.0
+    labels = torch.arange(m).repeat_interleave(per)
+    hidden = (centres[labels] + 0.3 * torch.randn(m * per, c))[torch.randperm(m * per)][None]  # (1, N, C)
+    router = MoGARouter(c, m)
+    kmeans_init(router, hidden, iters=10)
+    routing, _ = router(hidden)
+    found = routing.groups[0]
+    truth = ((hidden[0] @ centres.T).argmax(-1))
+    # the same partition up to a relabelling
+    pairs_same = found[:, None] == found[None, :]
+    assert torch.equal(pairs_same, truth[:, None] == truth[None, :])
+    assert routing.gate.min() > 0.9  # sharp gates: pretrained outputs are barely scaled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+def test_moga_on_cuda_bf16_equals_reference():
+    layout = VideoLayout(8, 16, 20)
+    n = layout.num_tokens
+    groups = torch.randint(0, 5, (2, n), device="cuda")
+    gate = torch.rand(2, n, device="cuda")
+    q, k, v = (torch.randn(2, n, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    o = moga_method("cuda", torch.bfloat16)(q, k, v, AttentionMeta(layout=layout, routing=Routing(groups, gate, 5)))
+    mask = (groups[:, :, None] == groups[:, None, :])[:, None]
+    want = reference_attention(q, k, v, mask).float() * gate[:, :, None, None]
+    torch.testing.assert_close(o.float(), want, atol=3e-2, rtol=3e-2)

@@ -1,0 +1,120 @@
+"""The segments (varlen) primitive equals masked dense attention with a same-segment mask built here,
+on every CPU path, with and without lse, with empty segments; gradients (o and lse) match the
+reference's autograd."""
+
+import pytest
+import torch
+
+from pipeline.attention.backends import select_backend
+from pipeline.attention.backends.segments import choose_path, segment_attention
+from pipeline.attention.reference import reference_attention
+
+H, D = 3, 16
+
+
+def same_segment_mask(counts):
+    """(1, 1, T, T) bool: query i sees key j iff they lie in the same segment (loops)."""
+    owner = []
+    for s, c in enumerate(counts):
+        owner += [s] * c
+    return torch.tensor([[[[oi == oj for oj in owner] for oi in owner]]])
+
+
+def packed(counts, dtype=torch.float32):
+    t = sum(counts)
+    return tuple(torch.randn(t, H, D, dtype=dtype) for _ in range(3))
+
+
+def cu(counts):
+    return torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def reference(q, k, v, counts):
+    """(T, H, D) as a batch of one, masked dense; lse (H, T)."""
+    o, lse = reference_attention(q[None], k[None], v[None], same_segment_mask(counts), return_lse=True)
+    return o[0], lse[0]
+
+
+@pytest.mark.parametrize("counts, path", [
+    ([5, 0, 17, 1, 9, 0], "per_segment"),
+    ([5, 0, 17, 1, 9, 0], "auto"),
+    ([8, 8, 8, 8], "batched"),
+    ([8, 8, 8, 8], "per_segment"),
+    ([0, 0, 12], "auto"),
+])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_segments_equal_reference(counts, path, with_lse):
+    q, k, v = packed(counts)
+    want_o, want_lse = reference(q, k, v, counts)
+    out = segment_attention(q, k, v, cu(counts), return_lse=with_lse, path=path)
+    o = out[0] if with_lse else out
+    torch.testing.assert_close(o, want_o, atol=1e-5, rtol=1e-5)
+    if with_lse:
+        torch.testing.assert_close(out[1], want_lse, atol=1e-5, rtol=1e-5)
+        assert out[1].dtype == torch.float32 and out[1].shape == (H, sum(counts))
+
+
+def test_segments_through_the_backend_in_bf16():
+    counts = [7, 0, 30, 3]
+    q, k, v = packed(counts, torch.bfloat16)
+    backend = select_backend("auto", "cpu", torch.bfloat16)
+    o, lse = backend.segments(q, k, v, cu(counts), return_lse=True, counts=counts)
+    want_o, want_lse = reference(q, k, v, counts)
+    assert o.dtype == torch.bfloat16
+    torch.testing.assert_close(o.float(), want_o.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_segments_gradients_equal_reference(with_lse):
+    """Backward through o (SDPA autograd) and through o and lse (the matmul backward)."""
+    counts = [6, 0, 11, 3]
+    base = packed(counts)
+    weights_o, weights_lse = torch.randn(sum(counts), H, D), torch.randn(H, sum(counts))
+
+    def loss_of(fn):
+        q, k, v = (x.clone().requires_grad_(True) for x in base)
+        o, lse = fn(q, k, v)
+        loss = (o * weights_o).sum() + ((lse * weights_lse).sum() if with_lse else 0.0)
+        loss.backward()
+        return q.grad, k.grad, v.grad
+
+    def ours(q, k, v):
+        out = segment_attention(q, k, v, cu(counts), return_lse=with_lse, path="per_segment")
+        return out if with_lse else (out, None)
+
+    got, want = loss_of(ours), loss_of(lambda q, k, v: reference(q, k, v, counts))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_path_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_path([64, 64, 64], cpu, torch.float32, False) == "batched"
+    assert choose_path([5000, 0, 7000], cpu, torch.float32, False) == "per_segment"
+    assert choose_path([50, 0, 70], cpu, torch.bfloat16, False) == "per_segment"  # no varlen kernel on CPU
+    assert choose_path([5000, 0, 7000], cuda, torch.bfloat16, False, min_tokens=8192) in ("varlen", "per_segment")
+    assert choose_path([50, 0, 70], cuda, torch.bfloat16, True) == "per_segment"  # autograd: SDPA's backward
+    assert choose_path([50, 0, 70], cuda, torch.float32, False) == "per_segment"  # varlen kernels are half only
+
+
+def test_bad_inputs_are_refused():
+    q, k, v = packed([4, 4])
+    with pytest.raises(ValueError, match="sum to 9"):
+        segment_attention(q, k, v, cu([4, 5]))
+    with pytest.raises(ValueError, match="equal"):
+        segment_attention(q, k[:4], v, cu([4, 4]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+@pytest.mark.parametrize("path", ["batched", "per_segment", "varlen"])
+def test_segments_on_cuda_every_path(path):
+    counts = [512, 512, 512] if path == "batched" else [700, 0, 1300, 37, 3000]
+    q, k, v = (x.cuda() for x in packed(counts, torch.bfloat16))
+    backend = select_backend("auto", "cuda", torch.bfloat16)
+    o, lse = backend.segments(q, k, v, cu(counts).cuda(), return_lse=True, counts=counts, path=path)
+    qm, km, vm = (x[None].float().cuda() for x in (q, k, v))
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).cuda()
+    want_o, want_lse = reference_attention(qm, km, vm, (owner[:, None] == owner[None, :])[None, None], return_lse=True)
+    torch.testing.assert_close(o.float(), want_o[0], atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(lse, want_lse[0], atol=3e-2, rtol=3e-2)
