@@ -1,102 +1,45 @@
-"""Packed variable-length segments: attention inside each segment of a packed (T, H, D) tensor.
+"""Attention inside segments of a packed sequence (varlen): MoGA groups, STGA windows, their cells.
 
-Segment s of the queries holds rows [cu_q[s], cu_q[s+1]) and attends to rows [cu_k[s], cu_k[s+1])
-of the keys (the same packing when keys are not given). A query segment with no keys gets o = 0 and
-lse = -inf, so it drops out of any log-sum-exp merge.
+q, k, v are (T, H, D) with the tokens of segment s at rows cu_seqlens[s]:cu_seqlens[s+1]; a query
+attends to every key of its own segment and nothing else (q and k share cu_seqlens). Zero-length
+segments are allowed (an empty MoGA group). Optionally returns lse (H, T) fp32, the log-sum-exp of
+each query's scaled logits, so that partial attentions over disjoint key sets can be merged exactly.
 
-Kernels (the backend picks one per call, see AttentionBackend.segments):
-- "dense": one dense SDPA call per non-empty segment (cuDNN on CUDA, the flash kernel for CPU on
-  CPU). The only CPU path, and on an H100 the fastest for a few large segments (MoGA's groups).
-- "varlen": torch.nn.attention.varlen.varlen_attn, one call for every segment (CUDA, fp16/bf16).
-- "flash_attn": flash_attn.flash_attn_varlen_func (the optional flash-attn package).
-
-Packing helpers: pack_by_id sorts tokens by an integer segment id (stable, so a segment keeps
-sequence order) and returns the permutation and the Segments of the sorted order.
+Kernel rule (`choose_path`), measured on H100 (torch 2.11): gather + one cuDNN SDPA call per MoGA
+group reached 550 TFLOP/s effective where torch's varlen_attn reached ~350, and 1-frame windows
+batched into one cuDNN call ~500. So:
+  1. "batched": every segment has the same length -> one dense call on (S, n, H, D) (no launches
+     per segment, cuDNN's best shape);
+  2. "per_segment": the mean non-empty segment holds >= min_tokens tokens (few large groups) ->
+     one dense call per segment on its contiguous (1, n, H, D) slice (no padding, no copies);
+  3. "varlen": many small segments -> flash-attn's flash_attn_varlen_func when installed (the
+     `flash` extra), else torch.nn.attention.varlen.varlen_attn (CUDA, half precision);
+  4. anything else (CPU, fp32 on CUDA, no varlen kernel) -> "per_segment".
+Zero-length segments never reach a kernel (dropped from the varlen offsets, skipped per segment).
+Autograd: "batched" and "per_segment" run through SDPA, which has a backward; when a gradient is
+needed the rule never picks "varlen". With return_lse under autograd, the kernels' lse outputs are
+not differentiable, so a custom Function runs the forward on the kernels and a backward written out
+in matmuls (query rows in slabs) that takes the gradient of both o and lse (see _SegmentsWithLse).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-from dataclasses import dataclass
-from typing import Callable
+import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-LSE_DTYPE = torch.float32
-VARLEN_DTYPES = (torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class Segments:
-    """Lengths of consecutive segments of a packed tensor, on the device and on the host."""
-
-    cu_seqlens: torch.Tensor  # (S + 1,) int32 on the tensors' device: segment s is [cu[s], cu[s+1])
-    lengths: torch.Tensor  # (S,) int64 on the CPU: the same lengths (slicing, max, pair counts)
-
-    @classmethod
-    def from_counts(cls, counts: torch.Tensor) -> "Segments":
-        """counts (S,) on any device; one device-to-host copy."""
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        return cls(cu, counts.detach().to("cpu", torch.int64))
-
-    @classmethod
-    def from_lengths(cls, lengths: torch.Tensor | list[int], device: torch.device | str) -> "Segments":
-        """Host lengths (S,) -> Segments with cu_seqlens on `device`."""
-        host = torch.as_tensor(lengths, dtype=torch.int64).cpu()
-        cu = F.pad(host.cumsum(0), (1, 0)).to(torch.int32)
-        return cls(cu.to(device, non_blocking=True), host)
-
-    @property
-    def count(self) -> int:
-        return int(self.lengths.numel())
-
-    @property
-    def total(self) -> int:
-        return int(self.lengths.sum())
-
-    @property
-    def max_len(self) -> int:
-        return int(self.lengths.max()) if self.count else 0
-
-    def starts(self) -> list[int]:
-        """Host offsets of every segment (the dense path slices with them)."""
-        return F.pad(self.lengths.cumsum(0), (1, 0))[:-1].tolist()
-
-
-def pack_by_id(ids: torch.Tensor, num_ids: int) -> tuple[torch.Tensor, Segments]:
-    """ids (T,) int64 in [0, num_ids) -> (perm (T,), Segments over the num_ids ids, empty ones kept).
-
-    x[perm] lists the tokens of id 0, then id 1, ..., each in its original order."""
-    perm = torch.sort(ids, stable=True).indices
-    return perm, Segments.from_counts(torch.bincount(ids, minlength=num_ids))
-
-
-def pair_count(q_seg: Segments, k_seg: Segments | None = None) -> float:
-    """(query, key) pairs the segments compute (per head), exact as a float."""
-    k_len = q_seg.lengths if k_seg is None else k_seg.lengths
-    return float((q_seg.lengths.double() * k_len.double()).sum())
-
-
-# ---------------------------------------------------------------------------------------------
-# Availability of the optional kernels
-# ---------------------------------------------------------------------------------------------
+PATHS = ("auto", "batched", "per_segment", "varlen")
+DEFAULT_MIN_TOKENS = 2048  # per-segment dense calls from this mean segment length up
+_SLAB_ELEMENTS = 1 << 24  # backward: logits per slab of query rows (64 MiB in fp32)
 
 
 @functools.cache
-def torch_varlen() -> Callable | None:
-    """torch.nn.attention.varlen.varlen_attn, or None on a torch without it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-@functools.cache
-def flash_attn_varlen() -> Callable | None:
-    """flash_attn.flash_attn_varlen_func (pip install longreel[flash]), or None."""
+def flash_attn_varlen():
+    """flash-attn's varlen function when the optional extra is installed, else None."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -105,102 +48,217 @@ def flash_attn_varlen() -> Callable | None:
 
 
 @functools.cache
-def _varlen_takes_scale() -> bool:
-    fn = torch_varlen()
-    return fn is not None and "scale" in inspect.signature(fn).parameters
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-
-
-def _token_major_lse(lse: torch.Tensor, tokens: int, heads: int) -> torch.Tensor:
-    """Kernel lse -> (T, H) fp32. Varlen kernels return (H, T); some versions (T, H)."""
-    if tuple(lse.shape) == (heads, tokens):
-        return lse.transpose(0, 1).float()
-    if tuple(lse.shape) == (tokens, heads):
-        return lse.float()
-    raise RuntimeError(f"varlen kernel returned lse of shape {tuple(lse.shape)} for {tokens} tokens x {heads} heads")
-
-
-def _rows_without_keys(q_seg: Segments, k_seg: Segments, device: torch.device) -> torch.Tensor | None:
-    """(Tq,) bool: query rows whose segment has no keys; None when there are none."""
-    empty = (k_seg.lengths == 0) & (q_seg.lengths > 0)
-    if not bool(empty.any()):
+def torch_varlen():
+    """(varlen_attn, AuxRequest) from torch.nn.attention.varlen when this torch has it, else None."""
+    try:
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn
+    except ImportError:
         return None
-    return torch.repeat_interleave(empty, q_seg.lengths).to(device)
+    return varlen_attn, AuxRequest
 
 
-def varlen_segments(q, k, v, q_seg: Segments, k_seg: Segments, scale: float | None, return_lse: bool,
-                    kernel: str):
-    """One varlen call for every segment; (T, H, D) packed in, o (Tq, H, D) [and lse (Tq, H)] out."""
-    tq, h, d = q.shape
-    if scale is not None and not (kernel == "varlen" and _varlen_takes_scale()) and kernel != "flash_attn":
-        q = q * (scale * d ** 0.5)  # the kernel's default 1/sqrt(D) then gives `scale`
-        scale = None
-    if kernel == "flash_attn":
-        o, lse, _ = flash_attn_varlen()(q, k, v, q_seg.cu_seqlens, k_seg.cu_seqlens, q_seg.max_len, k_seg.max_len,
-                                         softmax_scale=scale, return_attn_probs=True)
-    else:
-        from torch.nn.attention.varlen import AuxRequest
-
-        extra = {"scale": scale} if scale is not None else {}
-        o, lse = torch_varlen()(q, k, v, q_seg.cu_seqlens, k_seg.cu_seqlens, q_seg.max_len, k_seg.max_len,
-                                return_aux=AuxRequest(lse=True), **extra)
-    lse = _token_major_lse(lse, tq, h)
-    no_keys = _rows_without_keys(q_seg, k_seg, q.device) if k_seg is not q_seg else None
-    if no_keys is not None:  # flash kernels leave lse = +inf there; make them neutral
-        o = o.masked_fill(no_keys[:, None, None], 0.0)
-        lse = lse.masked_fill(no_keys[:, None], float("-inf"))
-    return (o, lse) if return_lse else o
+def cu_seqlens_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """(S,) segment lengths -> (S + 1,) int32 offsets."""
+    return F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
 
 
-def dense_segments(q, k, v, q_seg: Segments, k_seg: Segments, scale: float | None, return_lse: bool,
-                   dense: Callable, dense_lse: Callable):
-    """One dense call per non-empty segment (zero-length calls are never made: some kernels fault).
-
-    dense(q, k, v, scale) and dense_lse(q, k, v, scale) take and return (B, N, H, D) (+ lse (B, H, N))."""
-    _, h, d = q.shape
-    outs, lses = [], []
-    for qa, nq, ka, nk in zip(q_seg.starts(), q_seg.lengths.tolist(), k_seg.starts(), k_seg.lengths.tolist()):
-        if nq == 0:
-            continue
-        if nk == 0:
-            outs.append(q.new_zeros(nq, h, v.shape[-1]))
-            lses.append(torch.full((nq, h), float("-inf"), dtype=LSE_DTYPE, device=q.device))
-            continue
-        qs, ks, vs = q[qa:qa + nq, None].transpose(0, 1), k[ka:ka + nk, None].transpose(0, 1), v[ka:ka + nk, None].transpose(0, 1)
-        if return_lse:
-            o, lse = dense_lse(qs, ks, vs, scale)  # (1, nq, H, D), (1, H, nq)
-            lses.append(lse[0].transpose(0, 1))
-        else:
-            o = dense(qs, ks, vs, scale)
-        outs.append(o[0])
-    if not outs:
-        o = q.new_zeros(0, h, v.shape[-1])
-        lse = torch.zeros(0, h, dtype=LSE_DTYPE, device=q.device)
-    else:
-        o = torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
-        lse = (torch.cat(lses) if len(lses) > 1 else lses[0]) if return_lse else None
-    return (o, lse) if return_lse else o
+def choose_path(counts: Sequence[int], device: torch.device, dtype: torch.dtype, needs_grad: bool,
+                min_tokens: int = DEFAULT_MIN_TOKENS) -> str:
+    """The kernel path for these segment lengths (the rule in the module docstring)."""
+    nonempty = [c for c in counts if c > 0]
+    if not nonempty or len(set(counts)) == 1:
+        return "batched"
+    if sum(nonempty) >= min_tokens * len(nonempty) or needs_grad:
+        return "per_segment"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half and (flash_attn_varlen() is not None or torch_varlen() is not None):
+        return "varlen"
+    return "per_segment"
 
 
 # ---------------------------------------------------------------------------------------------
-# Merging partial attentions over disjoint key sets
+# Dense calls on (B, H, N, D) views
 # ---------------------------------------------------------------------------------------------
 
 
-def merge_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+def dense_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the union of two disjoint key sets from the two partial results.
+    """Forward-only attention with its lse: q (B, H, Nq, D), k/v (B, H, Nk, D) -> o (B, H, Nq, D),
+    lse (B, H, Nq) fp32. CUDA: cuDNN, else flash (half precision) or memory-efficient (fp32); CPU:
+    the CPU flash kernel. These ops do not differentiate lse (see _SegmentsWithLse)."""
+    n = q.shape[2]
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16):
+            try:
+                out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                         scale=scale)
+            except RuntimeError:  # a shape or build cuDNN refuses: the flash kernel takes it
+                out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        else:
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)
+    else:
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+    o, lse = out[0], out[1]
+    return o, lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :n].float()
 
-    o (..., H, D), lse (..., H) fp32, token-major. o = w_a o_a + w_b o_b with w = exp(lse - lse_ab);
-    a side with lse = -inf (no keys) gets weight 0; both -inf gives o = 0, lse = -inf. fp32 math,
-    o in o_a's dtype. The lse inputs carry no gradient (fused kernels do not differentiate it)."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    w_a = torch.exp(lse_a - finite)[..., None]
-    w_b = torch.exp(lse_b - finite)[..., None]
-    o = o_a.float() * w_a + o_b.float() * w_b
-    return o.to(o_a.dtype), lse
+
+def _sdpa(q, k, v, scale, sdpa_order):
+    with sdpa_kernel(list(sdpa_order)):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward paths, (T, H, D) in and out
+# ---------------------------------------------------------------------------------------------
+
+
+def _empty(q, return_lse):
+    t, h, d = q.shape
+    return q.new_zeros(t, h, d), (q.new_full((h, t), float("-inf"), dtype=torch.float32) if return_lse else None)
+
+
+def _batched(q, k, v, counts, scale, return_lse, sdpa_order):
+    t, h, d = q.shape
+    n = counts[0] if counts else 0
+    if n == 0:
+        return _empty(q, return_lse)
+    qb, kb, vb = (x.view(len(counts), n, h, d).transpose(1, 2) for x in (q, k, v))  # (S, H, n, D) views
+    if return_lse:
+        o, lse = dense_lse(qb, kb, vb, scale)
+        return o.transpose(1, 2).reshape(t, h, d), lse.permute(1, 0, 2).reshape(h, t)
+    return _sdpa(qb, kb, vb, scale, sdpa_order).transpose(1, 2).reshape(t, h, d), None
+
+
+def _per_segment(q, k, v, counts, scale, return_lse, sdpa_order):
+    outs, lses, start = [], [], 0
+    for n in counts:
+        if n == 0:
+            continue
+        qs, ks, vs = (x[start:start + n].unsqueeze(0).transpose(1, 2) for x in (q, k, v))  # (1, H, n, D) views
+        if return_lse:
+            o, lse = dense_lse(qs, ks, vs, scale)
+            lses.append(lse[0])  # (H, n)
+        else:
+            o = _sdpa(qs, ks, vs, scale, sdpa_order)
+        outs.append(o[0].transpose(0, 1))  # (n, H, D)
+        start += n
+    if not outs:
+        return _empty(q, return_lse)
+    o = torch.cat(outs, 0) if len(outs) > 1 else outs[0].contiguous()
+    return o, (torch.cat(lses, 1) if return_lse else None)
+
+
+def _varlen(q, k, v, cu, counts, scale, return_lse):
+    if not any(counts):
+        return _empty(q, return_lse)
+    longest = max(counts)
+    if 0 in counts:  # the kernels get no empty segments: drop them (the packing is the same)
+        cu = cu_seqlens_from_counts(torch.tensor([c for c in counts if c], device=q.device))
+    flash = flash_attn_varlen()
+    if flash is not None:
+        out = flash(q, k, v, cu, cu, longest, longest, softmax_scale=scale, return_attn_probs=return_lse)
+        if not return_lse:
+            return out, None
+        o, lse = out[0], out[1]
+        if lse.shape != (q.shape[1], q.shape[0]):  # older flash-attn pads lse per segment
+            raise RuntimeError(f"flash_attn_varlen_func returned lse {tuple(lse.shape)}, expected (H, T)")
+        return o, lse.float()
+    varlen_attn, aux_request = torch_varlen()
+    if return_lse:
+        o, lse = varlen_attn(q, k, v, cu, cu, longest, longest, return_aux=aux_request(lse=True), scale=scale)
+        return o, lse.float()
+    return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale), None
+
+
+def _forward(q, k, v, cu, counts, scale, return_lse, path, sdpa_order):
+    if path == "batched":
+        return _batched(q, k, v, counts, scale, return_lse, sdpa_order)
+    if path == "per_segment":
+        return _per_segment(q, k, v, counts, scale, return_lse, sdpa_order)
+    if path == "varlen":
+        return _varlen(q, k, v, cu, counts, scale, return_lse)
+    raise ValueError(f"segments: unknown path {path!r} (known: {', '.join(PATHS)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd with lse: kernels forward, matmul backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _segment_backward(q, k, v, o, lse, do, dlse, scale):
+    """Gradients of one segment given o and lse: q/k/v/o/do (n, H, D), lse/dlse (H, n).
+
+    With p = exp(s - lse): dv = p^T do; ds = p * (do v^T - rowsum(do * o) + dlse); dq = ds k scale;
+    dk = ds^T q scale. fp32 accumulation, query rows in slabs."""
+    n, h, _ = q.shape
+    kf, vf = k.float().transpose(0, 1), v.float().transpose(0, 1)  # (H, n, D)
+    dq = torch.empty(n, h, q.shape[2], dtype=torch.float32, device=q.device)
+    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    rows = max(1, _SLAB_ELEMENTS // (h * n))
+    for a in range(0, n, rows):
+        sl = slice(a, min(a + rows, n))
+        qs, dos = q[sl].float().transpose(0, 1), do[sl].float().transpose(0, 1)  # (H, r, D)
+        p = torch.exp(qs @ kf.transpose(1, 2) * scale - lse[:, sl, None])  # (H, r, n)
+        dv += p.transpose(1, 2) @ dos
+        delta = (dos * o[sl].float().transpose(0, 1)).sum(-1)  # (H, r)
+        if dlse is not None:
+            delta = delta - dlse[:, sl]
+        ds = p * (dos @ vf.transpose(1, 2) - delta[..., None])
+        dq[sl] = (ds @ kf * scale).transpose(0, 1)
+        dk += ds.transpose(1, 2) @ qs * scale
+    return dq, dk.transpose(0, 1), dv.transpose(0, 1)
+
+
+class _SegmentsWithLse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu, counts, scale, path, sdpa_order):
+        with torch.no_grad():
+            o, lse = _forward(q, k, v, cu, counts, scale, True, path, sdpa_order)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.counts, ctx.scale = counts, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v)]
+        start = 0
+        for n in ctx.counts:
+            if n == 0:
+                continue
+            sl = slice(start, start + n)
+            parts = _segment_backward(q[sl], k[sl], v[sl], o[sl], lse[:, sl], do[sl],
+                                      None if dlse is None else dlse[:, sl], ctx.scale)
+            for g, part in zip(grads, parts):
+                g[sl] = part
+            start += n
+        return grads[0].to(q.dtype), grads[1].to(k.dtype), grads[2].to(v.dtype), None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The primitive
+# ---------------------------------------------------------------------------------------------
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      scale: float | None = None, return_lse: bool = False, counts: Sequence[int] | None = None,
+                      path: str = "auto", min_tokens: int = DEFAULT_MIN_TOKENS,
+                      sdpa_order: Sequence[SDPBackend] = (SDPBackend.MATH,)):
+    """Attention inside each segment. q, k, v (T, H, D); cu_seqlens (S + 1,) int32 with
+    cu_seqlens[-1] == T. counts: the S lengths as Python ints when the caller has them (else one
+    .tolist() here). Returns o (T, H, D), and lse (H, T) fp32 with return_lse (always finite: every
+    query sees at least itself)."""
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"segments: q, k, v must be equal (T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    counts = list(counts) if counts is not None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if sum(counts) != q.shape[0]:
+        raise ValueError(f"segments: segment lengths sum to {sum(counts)}, q holds {q.shape[0]} tokens")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if path == "auto":
+        path = choose_path(counts, q.device, q.dtype, needs_grad, min_tokens)
+    if return_lse and needs_grad:
+        return _SegmentsWithLse.apply(q, k, v, cu_seqlens, counts, scale, path, tuple(sdpa_order))
+    o, lse = _forward(q, k, v, cu_seqlens, counts, scale, return_lse, path, sdpa_order)
+    return (o, lse) if return_lse else o
