@@ -23,13 +23,14 @@ def test_every_shipped_config_validates():
     for group in ("models", "attention", "storage", "parallel"):
         key = {"models": "model"}.get(group, group)
         for name in preset_names(key):
-            load_config(DEMO, [f"{key}={name}"])
+            extra = ["attention=linear"] if key == "model" and "sana" in name else []
+            load_config(DEMO, [f"{key}={name}", *extra])
     for example in (CONFIG_DIR / "examples").glob("*.yaml"):
         load_config(example)
 
 
 def test_overrides_and_preset_swap():
-    cfg = load_config(DEMO, ["video.fps=16", "model=tiny-sana", "sampling.steps=3", "attention.stga.window=[1, 4, 4]",
+    cfg = load_config(DEMO, ["video.fps=16", "model=tiny-sana", "attention=linear", "sampling.steps=3", "attention.stga.window=[1, 4, 4]",
                              "video.shots=[{prompt: one, seconds: 1.5}]"])
     assert cfg.video.fps == 16 and cfg.sampling.steps == 3
     assert cfg.model.family == "sana" and "caption_channels" in cfg.model.architecture.transformer
@@ -56,6 +57,7 @@ def test_config_is_frozen():
     ("model=gpt-video", "model", "unknown preset"),
     ("attention=magic", "attention", "unknown preset"),
     ("attention.method=magic", "attention.method", "must be one of"),
+    ("model=tiny-sana", "attention.method", "uses linear self-attention"),
     ("video.height=100", "video.height", "multiple of 16"),
     ("video.width=0", "video.width", "multiple of 16"),
     ("video.fps=0", "video.fps", "must be > 0"),
