@@ -149,9 +149,3 @@ def test_lite_on_cuda_matches_cpu_decisions_and_reference():
         expected = method_cpu(q, k, v, AttentionMeta(layout=layout, step=step, state=cpu))
         torch.testing.assert_close(o.cpu(), expected, atol=2e-4, rtol=2e-4)
     assert torch.equal(gpu.value.skip.cpu(), cpu.value.skip) and 0 < cpu.value.skip.float().mean() < 1
-
-
-def test_unwired_base_is_refused_when_the_method_is_built():
-    cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), {"method": "lite", "lite": {"base": "stga"}})
-    with pytest.raises(ValueError, match="attention.lite.base"):
-        build_method(cfg)

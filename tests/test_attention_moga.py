@@ -100,6 +100,81 @@ def test_kmeans_router_recovers_clusters():
     assert routing.gate.min() > 0.9  # sharp gates: pretrained outputs are barely scaled
 
 
+def window_of_tokens(layout, window):
+    """moga+stga's windows by loops: text is one window; video boxes tiled shot by shot."""
+    wt, wy, wx = window
+    frame_window, index = [], 0
+    for frames in layout.shot_frames:
+        frame_window += [index + f // wt for f in range(frames)]
+        index += -(-frames // wt)
+    keys = [("text",)] * layout.text_tokens
+    keys += [(frame_window[t], y // wy, x // wx) for t in range(layout.frames) for y in range(layout.height)
+             for x in range(layout.width)]
+    return keys
+
+
+def moga_stga_method(merge, window, device="cpu", dtype=torch.float32):
+    cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), {
+        "method": "moga+stga", "merge": merge, "stga": {"window": list(window)}})
+    return build_method(cfg, device, dtype)
+
+
+MOGA_STGA_CASES = [
+    (VideoLayout(5, 3, 5, shot_frames=(2, 3)), (2, 2, 3)),  # uneven windows, a cut
+    (VideoLayout(4, 4, 6), (2, 2, 3)),  # equal windows: the batched window branch
+    (VideoLayout(3, 2, 5, text_tokens=4), (1, 2, 2)),  # text is a window of its own
+]
+
+
+@pytest.mark.parametrize("layout, window", MOGA_STGA_CASES)
+@pytest.mark.parametrize("merge", ["lse", "sum"])
+def test_moga_stga_equals_reference_with_independent_masks(layout, window, merge):
+    n, m = layout.num_tokens, 5
+    groups = torch.randint(0, 4, (2, n))  # group 4 empty
+    gate = torch.rand(2, n)
+    q, k, v = (torch.randn(2, n, H, D) for _ in range(3))
+    meta = AttentionMeta(layout=layout, routing=Routing(groups, gate, m))
+    o = moga_stga_method(merge, window)(q, k, v, meta)
+    keys = window_of_tokens(layout, window)
+    same_window = torch.tensor([[ki == kj for kj in keys] for ki in keys])[None, None]
+    same_group = group_mask(groups)
+    g = gate[:, :, None, None]
+    if merge == "lse":
+        union = same_group | same_window
+        want = reference_attention(q, k, v, union) * g
+        assert meta.stats["pairs"] == union.sum().item() * H
+    else:
+        want = reference_attention(q, k, v, same_group) * g + reference_attention(q, k, v, same_window)
+        assert meta.stats["pairs"] == (same_group.sum() * H + same_window.sum() * 2 * H).item()
+    torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-5)
+
+
+def test_moga_stga_lse_backward_matches_reference_and_reaches_the_router():
+    layout, window, c = VideoLayout(3, 3, 4, shot_frames=(1, 2)), (2, 2, 2), 12
+    n = layout.num_tokens
+    hidden = torch.randn(1, n, c)
+    base = [torch.randn(1, n, H, D) for _ in range(3)]
+    weights = torch.randn(1, n, H, D)
+    router = MoGARouter(c, 3, 0.0)
+    keys = window_of_tokens(layout, window)
+    same_window = torch.tensor([[ki == kj for kj in keys] for ki in keys])[None, None]
+    grads = []
+    for ours in (True, False):
+        router.zero_grad()
+        routing, _ = router(hidden)
+        leaves = [x.clone().requires_grad_(True) for x in base]
+        if ours:
+            o = moga_stga_method("lse", window)(*leaves, AttentionMeta(layout=layout, routing=routing))
+        else:
+            union = group_mask(routing.groups) | same_window
+            o = reference_attention(*leaves, union) * routing.gate[:, :, None, None]
+        (o * weights).sum().backward()
+        grads.append([x.grad for x in leaves] + [router.proj.weight.grad.clone()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert grads[0][-1].abs().max() > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
 def test_moga_on_cuda_bf16_equals_reference():
     layout = VideoLayout(8, 16, 20)
@@ -110,4 +185,21 @@ def test_moga_on_cuda_bf16_equals_reference():
     o = moga_method("cuda", torch.bfloat16)(q, k, v, AttentionMeta(layout=layout, routing=Routing(groups, gate, 5)))
     mask = (groups[:, :, None] == groups[:, None, :])[:, None]
     want = reference_attention(q, k, v, mask).float() * gate[:, :, None, None]
+    torch.testing.assert_close(o.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+@pytest.mark.parametrize("window", [(1, 30, 52), (2, 8, 8)])
+def test_moga_stga_on_cuda_bf16_equals_reference(window):
+    """cuDNN groups, varlen cells, batched or varlen windows, all with lse, merged exactly."""
+    layout = VideoLayout(4, 30, 52, shot_frames=(1, 3))
+    n = layout.num_tokens
+    groups = torch.randint(0, 5, (1, n), device="cuda")
+    gate = torch.rand(1, n, device="cuda")
+    q, k, v = (torch.randn(1, n, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    method = moga_stga_method("lse", window, "cuda", torch.bfloat16)
+    o = method(q, k, v, AttentionMeta(layout=layout, routing=Routing(groups, gate, 5)))
+    windows = method.windows(layout).token_window.cuda()
+    union = (groups[:, :, None] == groups[:, None, :]) | (windows[:, None] == windows[None, :])
+    want = reference_attention(q, k, v, union[:, None]).float() * gate[:, :, None, None]
     torch.testing.assert_close(o.float(), want, atol=3e-2, rtol=3e-2)

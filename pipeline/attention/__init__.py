@@ -11,9 +11,12 @@ from pipeline.attention.linear import LinearAttention
 from pipeline.attention.lite import LiteAttention
 from pipeline.attention.moc import MocAttention
 from pipeline.attention.moga import MoGAAttention
+from pipeline.attention.moga_stga import MogaStgaAttention
+from pipeline.attention.stga import StgaAttention
 
 METHODS: dict[str, type[AttentionMethod]] = {
-    cls.name: cls for cls in (DenseAttention, MoGAAttention, MocAttention, LiteAttention, LinearAttention)}
+    cls.name: cls for cls in (DenseAttention, MoGAAttention, StgaAttention, MogaStgaAttention, MocAttention,
+                              LiteAttention, LinearAttention)}
 
 
 def method_names() -> list[str]:

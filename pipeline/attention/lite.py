@@ -36,6 +36,7 @@ import torch
 
 from pipeline.attention.backends.blockmask import SegmentMask, count_pairs
 from pipeline.attention.base import AttentionMeta, AttentionMethod
+from pipeline.attention.stga import stga_mask, window_ids
 from pipeline.layout import VideoLayout
 
 LOG2E = 1.0 / math.log(2.0)
@@ -109,14 +110,11 @@ class LiteAttention(AttentionMethod):
     name = "lite"
     has_state = True
 
-    def __init__(self, cfg, backend):
-        super().__init__(cfg, backend)
-        if cfg.lite.base != "dense":  # refuse at build time, before any step runs
-            raise ValueError(f"attention.lite.base: {cfg.lite.base!r} is not wired yet (only dense; stga waits "
-                             f"for StgaAttention's mask)")
-
     def base_mask(self, layout: VideoLayout, device: torch.device) -> SegmentMask | None:
-        """The mask the skips refine: None for dense (the only base wired so far)."""
+        """The mask the skips refine: None for dense; for stga, STGA's window mask (stga.window,
+        stga.cross_shots) as a SegmentMask of window ids."""
+        if self.cfg.lite.base == "stga":
+            return stga_mask(window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots), device)
         return None
 
     def _base_attention(self, q, k, v, base: SegmentMask | None):

@@ -1,0 +1,167 @@
+"""Spatiotemporal group attention (STGA): every video token attends to the tokens of its window.
+
+Windows tile the layout's token grid (frames x height x width) in boxes of stga.window = (t, y, x)
+tokens, starting at frame 0 / row 0 / column 0; where a size does not divide the grid, the last
+window along that axis is smaller. With stga.cross_shots false (the default) the time axis is
+tiled shot by shot (each shot's first frame starts a window), so a window never spans a shot cut;
+with cross_shots true the whole video is tiled as one run of frames.
+
+Text tokens (layout.text_tokens > 0, first in the sequence): text queries attend to the text keys
+only; video queries attend to their window plus every text key (the caption conditions every
+window; the text rows stay a text encoder and do not read video).
+
+Execution:
+- every window the same size and no text: the tokens are permuted into windows (a free view when
+  a window spans whole frames, e.g. [1, 30, 52] at 480p) and ONE batched dense call runs on
+  (B * windows, w, H, D) (cuDNN on H100, ~500 TFLOP/s);
+- other windows, no text: the segments primitive over windows (varlen for many small windows);
+- with text: the backend's block-sparse primitive with a SegmentMask of window ids (exact).
+
+`window_ids(layout, window, cross_shots)` is the one definition of the windows; lite (base stga)
+and moga+stga reuse it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.attention.backends.blockmask import SegmentMask
+from pipeline.attention.base import AttentionMeta, AttentionMethod
+from pipeline.attention.moga import Permutation
+from pipeline.layout import VideoLayout
+
+
+@dataclass(frozen=True)
+class StgaWindows:
+    """The windows of one layout (CPU tensors). With text, window 0 holds the text tokens."""
+
+    token_window: torch.Tensor  # (N,) int64: window of every token of the sequence
+    count: int  # number of windows (the text window included)
+    has_text: bool
+    # The batched fast path's grid when every window has the same size and there is no text:
+    # (windows along t, y, x) and (window size along t, y, x); None otherwise.
+    grid: tuple[tuple[int, int, int], tuple[int, int, int]] | None
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        return torch.bincount(self.token_window, minlength=self.count)
+
+    def pairs(self, batch: int, heads: int) -> float:
+        """Allowed (query, key) pairs under STGA's rule (video rows also see every text key)."""
+        sizes = self.sizes.double()
+        per = float((sizes * sizes).sum())
+        if self.has_text:
+            per += float(sizes[0] * sizes[1:].sum())
+        return per * batch * heads
+
+
+def _time_runs(layout: VideoLayout, wt: int, cross_shots: bool) -> list[int]:
+    """Frames per window along time, in order."""
+    runs = []
+    for frames in ((layout.frames,) if cross_shots else layout.shot_frames):
+        full, tail = divmod(frames, wt)
+        runs += [wt] * full + ([tail] if tail else [])
+    return runs
+
+
+def window_ids(layout: VideoLayout, window, cross_shots: bool = False) -> StgaWindows:
+    wt, wy, wx = (int(s) for s in window)
+    runs = _time_runs(layout, wt, cross_shots)
+    ny, nx = -(-layout.height // wy), -(-layout.width // wx)
+    frame_run = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(runs))  # (frames,)
+    t, y, x = layout.token_coords().unbind(1)
+    video = (frame_run[t] * ny + y // wy) * nx + x // wx
+    text = layout.text_tokens
+    if text:
+        token_window = torch.cat([torch.zeros(text, dtype=torch.long), video + 1])
+    else:
+        token_window = video
+    equal = not text and set(runs) == {wt} and layout.height % wy == 0 and layout.width % wx == 0
+    grid = ((len(runs), ny, nx), (wt, wy, wx)) if equal else None
+    return StgaWindows(token_window, len(runs) * ny * nx + (1 if text else 0), bool(text), grid)
+
+
+def stga_mask(windows: StgaWindows, device: torch.device | str = "cpu") -> SegmentMask:
+    """STGA's rule as a SegmentMask over window ids: own window, and the text window for video rows."""
+    allowed = torch.eye(windows.count, dtype=torch.bool, device=device)
+    if windows.has_text:
+        allowed[:, 0] = True
+    segment = windows.token_window.to(device)
+    return SegmentMask(segment, segment, allowed[None, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Equal windows: the permutation into windows as a reshape
+# ---------------------------------------------------------------------------------------------
+
+
+def to_windows(x: torch.Tensor, grid) -> torch.Tensor:
+    """(B, N, H, D) frame-major -> (B * windows * w, H, D), window-major (a view when a window
+    spans whole frames)."""
+    (nt, ny, nx), (wt, wy, wx) = grid
+    b, _, h, d = x.shape
+    x = x.view(b, nt, wt, ny, wy, nx, wx, h, d).permute(0, 1, 3, 5, 2, 4, 6, 7, 8)
+    return x.reshape(-1, h, d)
+
+
+def from_windows(x: torch.Tensor, grid, batch: int) -> torch.Tensor:
+    """Inverse of to_windows: (B * windows * w, H, D) -> (B, N, H, D)."""
+    (nt, ny, nx), (wt, wy, wx) = grid
+    h, d = x.shape[-2:]
+    x = x.view(batch, nt, ny, nx, wt, wy, wx, h, d).permute(0, 1, 4, 2, 5, 3, 6, 7, 8)
+    return x.reshape(batch, -1, h, d)
+
+
+def lse_from_windows(lse: torch.Tensor, grid, batch: int) -> torch.Tensor:
+    """(H, B * windows * w) window-major -> (B, N, H) in sequence order."""
+    (nt, ny, nx), (wt, wy, wx) = grid
+    h = lse.shape[0]
+    lse = lse.view(h, batch, nt, ny, nx, wt, wy, wx).permute(1, 2, 5, 3, 6, 4, 7, 0)
+    return lse.reshape(batch, -1, h)
+
+
+def window_attention(backend, q, k, v, windows: StgaWindows, return_lse: bool = False):
+    """Attention inside each window (no text rule: text, if any, is window 0 like any other).
+    q, k, v (B, N, H, D) -> o (B, N, H, D) [, lse (B, N, H) fp32], sequence order."""
+    b, n, h, _ = q.shape
+    if windows.grid is not None:
+        size = n // (windows.count or 1)
+        counts = [size] * (b * windows.count)
+        cu = torch.arange(0, b * n + 1, size, dtype=torch.int32, device=q.device)
+        out = backend.segments(*(to_windows(x, windows.grid) for x in (q, k, v)), cu, return_lse, counts)
+        o, lse = out if return_lse else (out, None)
+        o = from_windows(o, windows.grid, b)
+        return (o, lse_from_windows(lse, windows.grid, b)) if return_lse else o
+    token_window = windows.token_window.to(q.device)
+    segment = (torch.arange(b, device=q.device)[:, None] * windows.count + token_window).flatten()
+    perm = Permutation.by_segment(segment, b * windows.count)
+    out = backend.segments(perm.gather(q), perm.gather(k), perm.gather(v), perm.cu_seqlens, return_lse, perm.counts)
+    o, lse = out if return_lse else (out, None)
+    o = perm.scatter(o, q.shape)
+    if not return_lse:
+        return o
+    return o, lse.index_select(1, perm.inverse).T.reshape(b, n, h)
+
+
+class StgaAttention(AttentionMethod):
+    name = "stga"
+
+    def windows(self, layout: VideoLayout) -> StgaWindows:
+        return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots)
+
+    def mask(self, layout: VideoLayout, device: torch.device | str = "cpu") -> SegmentMask:
+        """The token mask this method computes, as a SegmentMask (lite's base when lite.base = stga)."""
+        return stga_mask(self.windows(layout), device)
+
+    def forward(self, q, k, v, meta: AttentionMeta):
+        b, n, h, _ = q.shape
+        windows = self.windows(meta.layout)
+        if windows.token_window.numel() != n:
+            raise ValueError(f"stga: q holds {n} tokens but the layout has {windows.token_window.numel()}")
+        pairs = windows.pairs(b, h)
+        meta.stats.update(pairs=pairs, density=pairs / (b * h * n * n), windows=float(windows.count))
+        if windows.has_text:
+            return self.backend.block_sparse(q, k, v, (stga_mask(windows, q.device),))
+        return window_attention(self.backend, q, k, v, windows)  # (B, N, H, D)
