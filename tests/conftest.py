@@ -58,3 +58,9 @@ def s3_server():
             yield S3Server(endpoint_url=f"http://{host}:{port}")
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One cache of random-weight tiny models for the session (model.cache_dir=...): built once."""
+    return str(tmp_path_factory.mktemp("model-cache"))

@@ -38,19 +38,19 @@ def _run(*args, env=None):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_cli_generates_to_a_directory(tmp_path):
-    r = _run(f"storage.uri=file://{tmp_path}", f"model.cache_dir={tmp_path}/models", "-q")
+def test_cli_generates_to_a_directory(tmp_path, model_cache):
+    r = _run(f"storage.uri=file://{tmp_path}", f"model.cache_dir={model_cache}", "-q")
     assert r.returncode == 0, r.stderr
     assert f"video: file://{tmp_path}/demo.mp4" in r.stdout
     meta = json.loads((tmp_path / "demo.json").read_text())
     _check(str(tmp_path / "demo.mp4"), meta)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.mp4", "models"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.mp4"]  # no temp files
 
 
-def test_cli_generates_to_s3(tmp_path, s3_server):
+def test_cli_generates_to_s3(tmp_path, s3_server, model_cache):
     bucket = s3_server.create_bucket()
     r = _run("storage=s3", f"storage.uri=s3://{bucket}/runs/a", f"storage.s3.endpoint_url={s3_server.endpoint_url}",
-             f"model.cache_dir={tmp_path}/models", "-q", env=dict(os.environ))
+             f"model.cache_dir={model_cache}", "-q", env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     client = s3_server.client()
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"])
@@ -64,10 +64,10 @@ def test_cli_generates_to_s3(tmp_path, s3_server):
     _check(str(mp4), json.loads(body))
 
 
-def test_python_api_generates_two_videos_with_one_model(tmp_path):
+def test_python_api_generates_two_videos_with_one_model(tmp_path, model_cache):
     from pipeline import Pipeline
 
-    pipe = Pipeline.from_config(DEMO, [*SMALL, f"storage.uri=file://{tmp_path}", f"model.cache_dir={tmp_path}/m"])
+    pipe = Pipeline.from_config(DEMO, [*SMALL, f"storage.uri=file://{tmp_path}", f"model.cache_dir={model_cache}"])
     first = pipe.generate(progress=False)
     second = pipe.generate({"name": "other", "shots": [{"prompt": "a blue square", "seconds": 1}]}, progress=False)
     assert first.frames == 33 and second.frames == 9
