@@ -1,0 +1,219 @@
+"""Benchmark: context parallelism on a Wan2.1-1.3B-shaped transformer (random weights).
+
+    torchrun --nproc-per-node 2 -m jobs.bench_parallel --out DIR                        # 2 GPUs (H200 x2)
+    torchrun --nproc-per-node 2 -m jobs.bench_parallel --device cpu --tiny --out DIR    # CPU dry run (gloo)
+
+One denoising step = one forward of the transformer, batch 1, at ~126k and ~376k video tokens
+(81 and 241 latent frames of 30x52 tokens: 480x832), bf16 on GPU. For each attention method it
+times our model on rank 0 alone (P=1) and sharded over every rank (P=world), then diffusers' own
+Ulysses context parallelism (ContextParallelConfig(ulysses_degree=world), cuDNN attention) on the
+stock model with the same weights, in the same run, as the peer. Prints one row per (config,
+tokens, P): seconds per step (median of --repeats after --warmup), peak memory per GPU (max over
+ranks, weights included), speed-up over our P=1, and diffusers CP's time over ours (> 1: faster
+than the peer). Writes bench_parallel.json and bench_parallel.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from pipeline.attention import AttentionMeta, method_names
+from pipeline.config import AttentionConfig
+from pipeline.layout import VideoLayout
+from pipeline.parallel import ParallelContext, Rendezvous, init_group, parallelize
+
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+TINY_WAN = dict(WAN_1_3B, num_attention_heads=4, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                num_layers=2)
+GRIDS = {"full": {"126k": (81, 30, 52), "376k": (241, 30, 52)}, "tiny": {"small": (5, 4, 6), "large": (13, 4, 6)}}
+TEXT_LEN = 512
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.bench_parallel", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/bench_parallel")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="toy model and sizes (CPU dry run)")
+    p.add_argument("--methods", default="dense,moga+stga")
+    p.add_argument("--sizes", default="", help="comma-separated size names (default: all of the grid set)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed forwards per config, at the smallest size only")
+    p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' Ulysses CP (the peer)")
+    p.add_argument("--timeout-s", type=float, default=1800.0)
+    return p.parse_args(argv)
+
+
+def join(args) -> tuple[ParallelContext, torch.device]:
+    if "RANK" not in os.environ:
+        device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+        return ParallelContext.single(device), device
+    rdzv = Rendezvous.from_env(timeout_s=args.timeout_s)
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rdzv.rank)))
+        torch.cuda.set_device(device)
+    return init_group(rdzv, device), device
+
+
+class Timer:
+    """Median seconds per call and peak memory, the slowest rank counting, over the ranks that run."""
+
+    def __init__(self, ctx: ParallelContext, device: torch.device, args):
+        self.ctx, self.device, self.args = ctx, device, args
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, run, warm: bool, ranks: int) -> tuple[float, float]:
+        active = self.ctx.rank < ranks
+        times, peak = [0.0], 0.0
+        if active:
+            for _ in range(self.args.warmup if warm else 0):
+                run()
+            self.sync()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            times = []
+        for _ in range(self.args.repeats if active else 0):
+            if ranks > 1:
+                dist.barrier(group=self.ctx.group)
+            t0 = time.perf_counter()
+            run()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        if active and self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        out = torch.tensor([statistics.median(times), peak], dtype=torch.float64, device=self.device)
+        if self.ctx.world > 1:
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.ctx.group)  # the idle ranks report 0
+        return float(out[0]), float(out[1])
+
+
+def build_transformer(arch: dict, device: torch.device, dtype: torch.dtype):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)  # the same weights on every rank
+    with torch.device(device):
+        model = WanTransformer3DModel(**arch).to(dtype).eval()
+    keep = set(model._keep_in_fp32_modules or ())  # as from_pretrained(torch_dtype=...) loads them
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if keep & set(name.split(".")):
+            tensor.data = tensor.data.float()
+    return model
+
+
+def attention_cfg(method: str):
+    return OmegaConf.merge(OmegaConf.structured(AttentionConfig), {"method": method, "moga": {"router_init": "random"}})
+
+
+def inputs(grid, arch, device, dtype):
+    t, h, w = grid
+    g = torch.Generator("cpu").manual_seed(1)
+    latents = torch.randn(1, arch["in_channels"], t, 2 * h, 2 * w, generator=g).to(device, dtype)
+    text = torch.randn(1, 1, TEXT_LEN, arch["text_dim"], generator=g).to(device, dtype)
+    return latents, torch.tensor([500.0], device=device), text, VideoLayout(t, h, w)
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    args = parse(argv)
+    ctx, device = join(args)
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    arch = TINY_WAN if args.tiny else WAN_1_3B
+    grids = GRIDS["tiny" if args.tiny else "full"]
+    sizes = args.sizes.split(",") if args.sizes else list(grids)
+    world, timer, rows = ctx.world, Timer(ctx, device, args), []
+    say = print if ctx.rank == 0 else (lambda *a, **k: None)
+    transformer = build_transformer(arch, device, dtype)
+    from pipeline.models.wan import WanAdapter
+
+    for method in args.methods.split(","):
+        if method not in method_names():
+            say(f"skip {method}: not in the attention registry (known: {', '.join(method_names())})")
+            continue
+        adapter = WanAdapter(transformer, attention_cfg(method))  # sets its processors on the shared weights
+        runs = [(1, ParallelContext.single(device))] + ([(world, ctx)] if world > 1 else [])
+        for p, group in runs:
+            model = parallelize(adapter, group) if p > 1 else adapter
+            for i, size in enumerate(sizes):
+                latents, t, text, layout = inputs(grids[size], arch, device, dtype)
+                states = adapter.new_states()
+                sec, gib = timer(lambda: model(latents, t, text, layout, AttentionMeta(layout), states),
+                                 warm=i == 0, ranks=p)
+                rows.append(dict(config=f"ours {method}", size=size, tokens=layout.num_tokens, P=p, s_per_step=sec,
+                                 peak_gib=gib))
+                say(f"  ours {method:<10} {size:>6} P={p}: {sec:.3f} s/step, {gib:.2f} GiB")
+    if world > 1 and not args.no_diffusers:
+        rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say)
+    if ctx.rank == 0:
+        report(rows, Path(args.out), dict(world=world, device=str(device), dtype=str(dtype), tiny=args.tiny,
+                                          repeats=args.repeats, warmup=args.warmup,
+                                          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"))
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say) -> list[dict]:
+    """The peer: the stock model (diffusers' own processors) with ContextParallelConfig(ulysses_degree=P)."""
+    from diffusers import ContextParallelConfig
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    for block in transformer.blocks:
+        block.attn1.set_processor(WanAttnProcessor())
+        block.attn2.set_processor(WanAttnProcessor())
+    if device.type == "cpu":
+        torch.accelerator.device_count = lambda: 1  # CPU dry run only: diffusers takes rank % device_count
+    else:
+        transformer.set_attention_backend("_native_cudnn")
+    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ctx.world))
+    rows = []
+    for i, size in enumerate(sizes):
+        latents, t, text, layout = inputs(grids[size], arch, device, dtype)
+        sec, gib = timer(lambda: transformer(hidden_states=latents, timestep=t, encoder_hidden_states=text[:, 0],
+                                            return_dict=False), warm=i == 0, ranks=ctx.world)
+        rows.append(dict(config="diffusers Ulysses (dense)", size=size, tokens=layout.num_tokens, P=ctx.world,
+                         s_per_step=sec, peak_gib=gib))
+        say(f"  diffusers Ulysses {size:>6} P={ctx.world}: {sec:.3f} s/step, {gib:.2f} GiB")
+    return rows
+
+
+def report(rows: list[dict], out: Path, setup: dict) -> None:
+    p1 = {(r["config"], r["size"]): r["s_per_step"] for r in rows if r["P"] == 1}
+    peer = {r["size"]: r["s_per_step"] for r in rows if r["config"].startswith("diffusers")}
+    for r in rows:
+        base = p1.get((r["config"], r["size"]))
+        r["speedup_vs_p1"] = base / r["s_per_step"] if base and r["s_per_step"] else None
+        ours_cp = r["P"] > 1 and not r["config"].startswith("diffusers")
+        r["diffusers_cp_over_ours"] = (peer[r["size"]] / r["s_per_step"]
+                                       if r["size"] in peer and ours_cp and r["s_per_step"] else None)
+    head = ["config", "tokens", "P", "s/step", "peak GiB/GPU", "speed-up vs P=1", "diffusers CP (dense) / ours"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [[r["config"], str(r["tokens"]), str(r["P"]), fmt(r["s_per_step"], ".3f"), fmt(r["peak_gib"], ".2f"),
+              fmt(r["speedup_vs_p1"], ".2f"), fmt(r["diffusers_cp_over_ours"], ".2f")] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    print("\n" + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for line in lines:
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_parallel.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(x) + " |" for x in lines]
+    (out / "bench_parallel.md").write_text(f"setup: {json.dumps(setup)}\n\n" + "\n".join(md) + "\n")
+    print(f"\nwrote {out / 'bench_parallel.json'} and {out / 'bench_parallel.md'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

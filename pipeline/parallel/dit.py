@@ -1,0 +1,136 @@
+"""Context parallelism applied to a DiTAdapter from outside, in one place (torchtitan's parallelize).
+
+    model = parallelize(adapter, ctx)
+    pred = model(latents, timestep, text, layout, meta, states, text_mask)   # every rank, same inputs
+
+In order:
+1. Every layer's self-attention callable is wrapped: Ulysses all-to-all for softmax methods
+   (heads % P == 0 checked here), the state strategy for linear attention (no K/V exchange).
+2. SANA-Video only: each block's temporal conv gets a one-frame halo exchange (halo.py), because
+   its sequence is cut on whole latent frames (the Mix-FFN's depthwise conv works per frame).
+   Wan is cut on tokens.
+3. Per forward: prepare() runs on the whole sequence on every rank (patchify and embeddings are a
+   small part of the cost), its Tokens are cut into contiguous shards (hidden, RoPE, shot ids; pad
+   at the end), the blocks run on the shard, the hidden states are all-gathered, the pad dropped,
+   and finish() runs on the whole sequence, so every rank holds the same prediction.
+The adapter's transformer is modified in place (its temporal convs); use the returned object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from pipeline.attention import AttentionMeta, StateSlot
+from pipeline.layout import VideoLayout
+from pipeline.models.adapter import DiTAdapter, Tokens
+from pipeline.parallel.groups import ParallelContext
+from pipeline.parallel.halo import HaloTemporalConv
+from pipeline.parallel.shard import ShardPlan, gather, plan_for, shard
+from pipeline.parallel.state import StateParallelAttention
+from pipeline.parallel.ulysses import UlyssesAttention, check_heads
+
+_WRAPPERS = (UlyssesAttention, StateParallelAttention)
+
+
+def parallel_attention(fn, ctx: ParallelContext, by_frames: bool):
+    """`fn` (a registry method) wrapped for context parallelism by its cp_strategy."""
+    if ctx.world == 1 or isinstance(fn, _WRAPPERS):
+        return fn
+    if fn.cp_strategy == "state":
+        return StateParallelAttention(fn, ctx, by_frames)
+    return UlyssesAttention(fn, ctx)
+
+
+class ParallelDiT:
+    """A DiTAdapter whose blocks run on this rank's shard of the sequence (see the module docstring)."""
+
+    def __init__(self, adapter: DiTAdapter, ctx: ParallelContext):
+        self.adapter, self.ctx = adapter, ctx
+        self.by_frames = adapter.family == "sana"
+        self.plan: ShardPlan | None = None  # the cut of the forward in progress (read by the halo convs)
+        if ctx.world == 1:
+            return
+        wrapped = [parallel_attention(fn, ctx, self.by_frames) for fn in adapter.attention]
+        if any(isinstance(fn, UlyssesAttention) for fn in wrapped):
+            check_heads(adapter.heads, ctx.world)
+        for layer, fn in enumerate(wrapped):
+            adapter.set_attention(layer, fn)
+        if getattr(adapter, "fit_router", None) is not None:
+            adapter.fit_router = self._fit_router_on_whole_sequence(adapter.fit_router)
+        if self.by_frames:
+            for block in adapter.blocks:
+                if not isinstance(block.ff.conv_temp, HaloTemporalConv):
+                    block.ff.conv_temp = HaloTemporalConv(block.ff.conv_temp, ctx, self.current_plan)
+
+    def current_plan(self) -> ShardPlan:
+        if self.plan is None:
+            raise RuntimeError("ParallelDiT: the shard plan is only set during run_blocks")
+        return self.plan
+
+    # --- the cut -----------------------------------------------------------------------------------
+    def shard(self, tokens: Tokens, plan: ShardPlan) -> Tokens:
+        """This rank's contiguous slice of every per-token field (Tokens.SEQUENCE_DIMS; pad at the end);
+        the conditioning stays whole. Under the frame cut, grid is the shard's (frames, h, w); under the
+        token cut a shard is not a grid of frames and grid keeps the whole sequence's (Wan's blocks do
+        not read it)."""
+        rank, cut = self.ctx.rank, {}
+        for name, dim in getattr(Tokens, "SEQUENCE_DIMS", {"hidden": 1, "rope": 1, "shot": 0}).items():
+            value = getattr(tokens, name)
+            cut[name] = (tuple(shard(t, plan, rank, dim) for t in value) if isinstance(value, tuple)
+                         else shard(value, plan, rank, dim))
+        if self.by_frames:
+            cut["grid"] = (plan.local_units,) + tuple(tokens.grid[1:])
+        return replace(tokens, **cut)
+
+    def gather(self, local: Tokens, whole: Tokens, plan: ShardPlan) -> Tokens:
+        return whole.with_hidden(gather(local.hidden, plan, self.ctx, 1))
+
+    # --- stages --------------------------------------------------------------------------------------
+    def run_blocks(self, tokens: Tokens, layout: VideoLayout, meta: AttentionMeta,
+                   states: list[StateSlot | None] | None = None) -> Tokens:
+        """The adapter's run_blocks with the whole sequence's Tokens in and out, the blocks on shards."""
+        if self.ctx.world == 1:
+            return self.adapter.run_blocks(tokens, meta, states)
+        plan = plan_for(layout, self.ctx.world, self.by_frames)
+        return self.gather(self._run_shard(self.shard(tokens, plan), meta, states, plan), tokens, plan)
+
+    def _run_shard(self, local: Tokens, meta: AttentionMeta, states, plan: ShardPlan) -> Tokens:
+        self.plan = plan
+        try:
+            return self.adapter.run_blocks(local, meta, states)
+        finally:
+            self.plan = None
+
+    def _fit_router_on_whole_sequence(self, fit):
+        """The adapter's router fit (training-free k-means) given the whole sequence's hidden states, so
+        that every rank fits the same router as one rank would (once per layer and video)."""
+        def fit_whole(router, hidden, iters):
+            return fit(router, gather(hidden, self.current_plan(), self.ctx, 1), iters)
+
+        return fit_whole
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, layout: VideoLayout,
+                meta: AttentionMeta | None = None, states: list[StateSlot | None] | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Same call and result as DiTAdapter.forward (the Denoiser's run_model)."""
+        meta = meta or AttentionMeta(layout)
+        tokens = self.adapter.prepare(latents, timestep, text, layout, text_mask)
+        if self.ctx.world == 1:
+            return self.adapter.finish(self.adapter.run_blocks(tokens, meta, states), latents.shape)
+        plan = plan_for(layout, self.ctx.world, self.by_frames)
+        local = self.shard(tokens, plan)
+        tokens = tokens.with_hidden(tokens.hidden.new_empty(0))  # the whole (B, N, C) states are not kept
+        local = self._run_shard(local, meta, states, plan)
+        return self.adapter.finish(self.gather(local, tokens, plan), latents.shape)
+
+    __call__ = forward
+
+    def new_states(self) -> list[StateSlot | None]:
+        return self.adapter.new_states()
+
+
+def parallelize(adapter: DiTAdapter, ctx: ParallelContext) -> ParallelDiT:
+    """Apply context parallelism over `ctx` to `adapter` (see the module docstring)."""
+    return ParallelDiT(adapter, ctx)
