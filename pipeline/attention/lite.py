@@ -114,7 +114,7 @@ class LiteAttention(AttentionMethod):
         """The mask the skips refine: None for dense; for stga, STGA's window mask (stga.window,
         stga.cross_shots) as a SegmentMask of window ids."""
         if self.cfg.lite.base == "stga":
-            return stga_mask(window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots), device)
+            return stga_mask(window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots, device), device)
         return None
 
     def _base_attention(self, q, k, v, base: SegmentMask | None):

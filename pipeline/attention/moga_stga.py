@@ -43,24 +43,24 @@ class MogaStgaAttention(AttentionMethod):
     name = "moga+stga"
     needs_routing = True
 
-    def windows(self, layout) -> StgaWindows:
-        return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots)
+    def windows(self, layout, device: torch.device | str = "cpu") -> StgaWindows:
+        return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots, device)
 
     def forward(self, q, k, v, meta: AttentionMeta):
         routing = check_routing(meta, q.shape, self.name)
         b, n, h, _ = q.shape
-        windows = self.windows(meta.layout)
+        windows = self.windows(meta.layout, q.device)
         if windows.token_window.numel() != n:
             raise ValueError(f"moga+stga: q holds {n} tokens but the layout has {windows.token_window.numel()}")
         m, nw = routing.num_groups, windows.count
         # one sort by (batch row, group, window): groups and cells are both contiguous runs
-        cell = group_segments(routing) * nw + windows.token_window.to(q.device).repeat(b)  # (B * N,)
+        cell = group_segments(routing) * nw + windows.token_window.repeat(b)  # (B * N,)
         perm = Permutation.by_segment(cell, b * m * nw)
         cell_counts = perm.counts
         group_counts = [sum(cell_counts[i:i + nw]) for i in range(0, len(cell_counts), nw)]
         qs, ks, vs = perm.gather(q), perm.gather(k), perm.gather(v)  # (B * N, H, D)
         group_cu = cu_seqlens_from_counts(torch.tensor(group_counts, device=q.device))
-        window_pairs = float((windows.sizes.double() ** 2).sum()) * b
+        window_pairs = windows.pairs(b, 1, text_rule=False)
         group_pairs = float(sum(c * c for c in group_counts))
         cell_pairs = float(sum(c * c for c in cell_counts))
 

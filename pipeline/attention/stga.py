@@ -23,6 +23,7 @@ and moga+stga reuse it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,26 +36,22 @@ from pipeline.layout import VideoLayout
 
 @dataclass(frozen=True)
 class StgaWindows:
-    """The windows of one layout (CPU tensors). With text, window 0 holds the text tokens."""
+    """The windows of one layout. With text, window 0 holds the text tokens."""
 
-    token_window: torch.Tensor  # (N,) int64: window of every token of the sequence
+    token_window: torch.Tensor  # (N,) int64 on the device asked for: window of every token of the sequence
+    sizes: tuple[int, ...]  # tokens per window
     count: int  # number of windows (the text window included)
     has_text: bool
     # The batched fast path's grid when every window has the same size and there is no text:
     # (windows along t, y, x) and (window size along t, y, x); None otherwise.
     grid: tuple[tuple[int, int, int], tuple[int, int, int]] | None
 
-    @property
-    def sizes(self) -> torch.Tensor:
-        return torch.bincount(self.token_window, minlength=self.count)
-
-    def pairs(self, batch: int, heads: int) -> float:
-        """Allowed (query, key) pairs under STGA's rule (video rows also see every text key)."""
-        sizes = self.sizes.double()
-        per = float((sizes * sizes).sum())
-        if self.has_text:
-            per += float(sizes[0] * sizes[1:].sum())
-        return per * batch * heads
+    def pairs(self, batch: int, heads: int, text_rule: bool = True) -> float:
+        """(query, key) pairs inside windows; text_rule: plus video rows x text keys (STGA's rule)."""
+        per = sum(s * s for s in self.sizes)
+        if self.has_text and text_rule:
+            per += self.sizes[0] * sum(self.sizes[1:])
+        return float(per) * batch * heads
 
 
 def _time_runs(layout: VideoLayout, wt: int, cross_shots: bool) -> list[int]:
@@ -66,8 +63,16 @@ def _time_runs(layout: VideoLayout, wt: int, cross_shots: bool) -> list[int]:
     return runs
 
 
-def window_ids(layout: VideoLayout, window, cross_shots: bool = False) -> StgaWindows:
-    wt, wy, wx = (int(s) for s in window)
+def window_ids(layout: VideoLayout, window, cross_shots: bool = False,
+               device: torch.device | str = "cpu") -> StgaWindows:
+    """The windows of `layout` (memoised per layout, window, cross_shots and device: every layer of
+    a step asks for the same ones, and at 580k tokens building them costs milliseconds)."""
+    return _window_ids(layout, tuple(int(s) for s in window), bool(cross_shots), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _window_ids(layout: VideoLayout, window: tuple[int, int, int], cross_shots: bool, device: str) -> StgaWindows:
+    wt, wy, wx = window
     runs = _time_runs(layout, wt, cross_shots)
     ny, nx = -(-layout.height // wy), -(-layout.width // wx)
     frame_run = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(runs))  # (frames,)
@@ -80,7 +85,9 @@ def window_ids(layout: VideoLayout, window, cross_shots: bool = False) -> StgaWi
         token_window = video
     equal = not text and set(runs) == {wt} and layout.height % wy == 0 and layout.width % wx == 0
     grid = ((len(runs), ny, nx), (wt, wy, wx)) if equal else None
-    return StgaWindows(token_window, len(runs) * ny * nx + (1 if text else 0), bool(text), grid)
+    count = len(runs) * ny * nx + (1 if text else 0)
+    sizes = tuple(torch.bincount(token_window, minlength=count).tolist())
+    return StgaWindows(token_window.to(device), sizes, count, bool(text), grid)
 
 
 def stga_mask(windows: StgaWindows, device: torch.device | str = "cpu") -> SegmentMask:
@@ -134,8 +141,7 @@ def window_attention(backend, q, k, v, windows: StgaWindows, return_lse: bool = 
         o, lse = out if return_lse else (out, None)
         o = from_windows(o, windows.grid, b)
         return (o, lse_from_windows(lse, windows.grid, b)) if return_lse else o
-    token_window = windows.token_window.to(q.device)
-    segment = (torch.arange(b, device=q.device)[:, None] * windows.count + token_window).flatten()
+    segment = (torch.arange(b, device=q.device)[:, None] * windows.count + windows.token_window).flatten()
     perm = Permutation.by_segment(segment, b * windows.count)
     out = backend.segments(perm.gather(q), perm.gather(k), perm.gather(v), perm.cu_seqlens, return_lse, perm.counts)
     o, lse = out if return_lse else (out, None)
@@ -148,8 +154,8 @@ def window_attention(backend, q, k, v, windows: StgaWindows, return_lse: bool = 
 class StgaAttention(AttentionMethod):
     name = "stga"
 
-    def windows(self, layout: VideoLayout) -> StgaWindows:
-        return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots)
+    def windows(self, layout: VideoLayout, device: torch.device | str = "cpu") -> StgaWindows:
+        return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots, device)
 
     def mask(self, layout: VideoLayout, device: torch.device | str = "cpu") -> SegmentMask:
         """The token mask this method computes, as a SegmentMask (lite's base when lite.base = stga)."""
@@ -157,7 +163,7 @@ class StgaAttention(AttentionMethod):
 
     def forward(self, q, k, v, meta: AttentionMeta):
         b, n, h, _ = q.shape
-        windows = self.windows(meta.layout)
+        windows = self.windows(meta.layout, q.device)
         if windows.token_window.numel() != n:
             raise ValueError(f"stga: q holds {n} tokens but the layout has {windows.token_window.numel()}")
         pairs = windows.pairs(b, h)
