@@ -19,6 +19,7 @@ from pipeline.config import AttentionConfig
 from pipeline.layout import VideoLayout
 from pipeline.parallel.groups import ParallelContext, Rendezvous, close_group, free_port, init_group
 from pipeline.parallel.shard import ShardPlan, gather, plan_for, shard
+from pipeline.parallel.ring import RingAttention
 from pipeline.parallel.state import StateParallelAttention
 from pipeline.parallel.ulysses import UlyssesAttention, check_heads, gather_routing
 
@@ -136,6 +137,19 @@ def check_linear_state(ctx: ParallelContext, by_frames: bool) -> None:
         assert_close(slot_many.value.z, slot_one.value.z, "carried z")
 
 
+def check_ring(ctx: ParallelContext) -> None:
+    """Ring attention (dense, K/V rotated around the ranks, LSE merge) with 3 heads, which do not divide
+    over 2 or 4 ranks; pad keys on the last shards stay out."""
+    plan = plan_for(LAYOUT, ctx.world, by_frames=False)
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(B, LAYOUT.num_tokens, 3, D, generator=g) for _ in range(3))
+    want = method("dense")(q, k, v, AttentionMeta(LAYOUT))
+    got = RingAttention(method("dense"), ctx)(*(shard(t, plan, ctx.rank) for t in (q, k, v)), AttentionMeta(LAYOUT))
+    assert_close(gather(got, plan, ctx), want, f"ring P={ctx.world}")
+    with pytest.raises(ValueError, match="parallel.ring: ring attention runs dense layers only, not moc"):
+        RingAttention(method("moc"), ctx)
+
+
 def check_head_error(ctx: ParallelContext) -> None:
     many = UlyssesAttention(method("dense"), ctx)
     q = torch.randn(1, plan_for(LAYOUT, ctx.world, False).local_len, 6, D)
@@ -148,6 +162,7 @@ def all_checks(ctx: ParallelContext) -> None:
     check_routing_gather(ctx)
     check_linear_state(ctx, by_frames=False)
     check_linear_state(ctx, by_frames=True)
+    check_ring(ctx)
     if ctx.world == 4:
         check_head_error(ctx)
 

@@ -5,7 +5,8 @@
 
 In order:
 1. Every layer's self-attention callable is wrapped: Ulysses all-to-all for softmax methods
-   (heads % P == 0 checked here), the state strategy for linear attention (no K/V exchange).
+   (heads % P == 0 checked here), the state strategy for linear attention (no K/V exchange), and,
+   with ring=True, ring attention for dense layers when P does not divide the heads.
 2. SANA-Video only: each block's temporal conv gets a one-frame halo exchange (halo.py), because
    its sequence is cut on whole latent frames (the Mix-FFN's depthwise conv works per frame).
    Wan is cut on tokens.
@@ -27,37 +28,40 @@ from pipeline.layout import VideoLayout
 from pipeline.models.adapter import DiTAdapter, Tokens
 from pipeline.parallel.groups import ParallelContext
 from pipeline.parallel.halo import HaloTemporalConv
+from pipeline.parallel.ring import RingAttention
 from pipeline.parallel.shard import ShardPlan, gather, plan_for, shard
 from pipeline.parallel.state import StateParallelAttention
 from pipeline.parallel.ulysses import UlyssesAttention, check_heads
 
-_WRAPPERS = (UlyssesAttention, StateParallelAttention)
+_WRAPPERS = (UlyssesAttention, StateParallelAttention, RingAttention)
 
 
-def parallel_attention(fn, ctx: ParallelContext, by_frames: bool):
-    """`fn` (a registry method) wrapped for context parallelism by its cp_strategy."""
+def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ring: bool = False):
+    """`fn` (a registry method) wrapped for context parallelism: the state strategy for linear attention,
+    Ulysses when the heads divide over the ranks, else ring attention for dense layers if `ring`."""
     if ctx.world == 1 or isinstance(fn, _WRAPPERS):
         return fn
     if fn.cp_strategy == "state":
         return StateParallelAttention(fn, ctx, by_frames)
+    if heads % ctx.world and ring and fn.name == "dense":
+        return RingAttention(fn, ctx)
+    check_heads(heads, ctx.world)
     return UlyssesAttention(fn, ctx)
 
 
 class ParallelDiT:
     """A DiTAdapter whose blocks run on this rank's shard of the sequence (see the module docstring)."""
 
-    def __init__(self, adapter: DiTAdapter, ctx: ParallelContext):
+    def __init__(self, adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False):
         self.adapter, self.ctx = adapter, ctx
         self.by_frames = adapter.family == "sana"
         self.plan: ShardPlan | None = None  # the cut of the forward in progress (read by the halo convs)
         if ctx.world == 1:
             return
-        wrapped = [parallel_attention(fn, ctx, self.by_frames) for fn in adapter.attention]
-        if any(isinstance(fn, UlyssesAttention) for fn in wrapped):
-            check_heads(adapter.heads, ctx.world)
+        wrapped = [parallel_attention(fn, ctx, self.by_frames, adapter.heads, ring) for fn in adapter.attention]
         for layer, fn in enumerate(wrapped):
             adapter.set_attention(layer, fn)
-        if getattr(adapter, "fit_router", None) is not None:
+        if getattr(adapter, "fit_router", None) is not None and not hasattr(adapter.fit_router, "whole_sequence"):
             adapter.fit_router = self._fit_router_on_whole_sequence(adapter.fit_router)
         if self.by_frames:
             for block in adapter.blocks:
@@ -109,6 +113,7 @@ class ParallelDiT:
         def fit_whole(router, hidden, iters):
             return fit(router, gather(hidden, self.current_plan(), self.ctx, 1), iters)
 
+        fit_whole.whole_sequence = True  # parallelize twice: gather once
         return fit_whole
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, layout: VideoLayout,
@@ -131,6 +136,7 @@ class ParallelDiT:
         return self.adapter.new_states()
 
 
-def parallelize(adapter: DiTAdapter, ctx: ParallelContext) -> ParallelDiT:
-    """Apply context parallelism over `ctx` to `adapter` (see the module docstring)."""
-    return ParallelDiT(adapter, ctx)
+def parallelize(adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False) -> ParallelDiT:
+    """Apply context parallelism over `ctx` to `adapter` (see the module docstring). `ring`
+    (parallel.ring): dense layers use ring attention when the ranks do not divide the heads."""
+    return ParallelDiT(adapter, ctx, ring)

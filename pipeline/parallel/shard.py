@@ -78,12 +78,14 @@ def plan_for(layout: VideoLayout, world: int, by_frames: bool) -> ShardPlan:
     return ShardPlan(layout.num_tokens, world)
 
 
-def shard_lengths(layout: VideoLayout, world: int) -> tuple[int, ...]:
-    """The shard lengths L a rank may hold for `layout` (token or frame cut)."""
-    cuts = [plan_for(layout, world, False)]
-    if not layout.text_tokens:
-        cuts.append(plan_for(layout, world, True))
-    return tuple(sorted({c.local_len for c in cuts}))
+def plan_of_shard(layout: VideoLayout, world: int, n_local: int) -> ShardPlan:
+    """The cut (token or frame) under which a rank holds `n_local` tokens of `layout`."""
+    cuts = [plan_for(layout, world, False)] + ([plan_for(layout, world, True)] if not layout.text_tokens else [])
+    for plan in cuts:
+        if plan.local_len == n_local:
+            return plan
+    raise ValueError(f"parallel: a shard of {n_local} tokens is not a {world}-way cut of the layout's "
+                     f"{layout.num_tokens} tokens (expected one of {sorted({c.local_len for c in cuts})})")
 
 
 def pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:

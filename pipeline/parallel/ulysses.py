@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing
 from pipeline.parallel.groups import ParallelContext
-from pipeline.parallel.shard import all_gather_seq, pad_to, shard_lengths
+from pipeline.parallel.shard import all_gather_seq, pad_to, plan_of_shard
 
 
 def check_heads(heads: int, world: int) -> None:
@@ -39,7 +39,7 @@ def seq_to_heads(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext) -> lis
     check_heads(h, p)
     send = torch.empty((p, len(tensors), b, n, h // p, d), dtype=tensors[0].dtype, device=tensors[0].device)
     for i, t in enumerate(tensors):
-        send[:, i] = t.view(b, n, p, h // p, d).permute(2, 0, 1, 3, 4)  # head group j goes to rank j
+        send[:, i] = t.reshape(b, n, p, h // p, d).permute(2, 0, 1, 3, 4)  # head group j goes to rank j
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=ctx.group)
     del send
@@ -82,9 +82,7 @@ class UlyssesAttention:
         b, n_local, h, _ = q.shape
         ctx, num_tokens = self.ctx, meta.layout.num_tokens
         check_heads(h, ctx.world)
-        if n_local not in shard_lengths(meta.layout, ctx.world):
-            raise ValueError(f"ulysses: a shard of {n_local} tokens is not a {ctx.world}-way cut of the layout's "
-                             f"{num_tokens} tokens (expected one of {shard_lengths(meta.layout, ctx.world)})")
+        plan_of_shard(meta.layout, ctx.world, n_local)  # refuses a shard that is not a cut of the layout
         q, k, v = (t[:, :num_tokens] for t in seq_to_heads((q, k, v), ctx))  # (B, N, H/P, D) each
         o = self.method(q, k, v, self._full_meta(meta, n_local))  # (B, N, H/P, D)
         return heads_to_seq(pad_to(o, n_local * ctx.world, 1), ctx)  # (B, L, H, D)
