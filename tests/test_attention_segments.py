@@ -93,7 +93,6 @@ def test_path_rule():
     assert choose_path([64, 64, 64], cpu, torch.float32, False) == "batched"
     assert choose_path([5000, 0, 7000], cpu, torch.float32, False) == "per_segment"
     assert choose_path([50, 0, 70], cpu, torch.bfloat16, False) == "per_segment"  # no varlen kernel on CPU
-    assert choose_path([5000, 0, 7000], cuda, torch.bfloat16, False, min_tokens=8192) in ("varlen", "per_segment")
     assert choose_path([50, 0, 70], cuda, torch.bfloat16, True) == "per_segment"  # autograd: SDPA's backward
     assert choose_path([50, 0, 70], cuda, torch.float32, False) == "per_segment"  # varlen kernels are half only
 
