@@ -67,6 +67,9 @@ class ModelConfig:
     vae_dtype: str = "float32"
     device: str = "auto"  # auto | cpu | cuda
     text_max_length: int = 512
+    # Prepended to each shot's prompt (not the negative prompt) before encoding; the encoder keeps the
+    # first token and the last text_max_length - 1 (SANA-Video's "complex human instruction").
+    text_instruction: str = ""
     cache_dir: str = "~/.cache/longreel"
     # Only for path == "": constructor kwargs per component (transformer, vae, text_encoder, ...).
     architecture: dict[str, Any] = field(default_factory=dict)

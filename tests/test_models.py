@@ -1,18 +1,19 @@
-"""Model loading and the adapter: tiny random presets through the users' loader; the adapter's
-forward equals diffusers' own; per-shot cross-attention; batched CFG equals separate calls."""
+"""The adapter over diffusers' transformers: its forward equals diffusers' own (Wan dense, SANA-Video
+linear; fp32), cross-attention reads each shot's own prompt, batched rows equal separate calls,
+RoPE positions are absolute, per-layer attention is replaceable, MoGA routers are owned per layer."""
 
 import copy
-import os
 
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.attention import AttentionMeta
+from pipeline.config import ConfigError, load_config
 from pipeline.layout import VideoLayout
 from pipeline.models import build_adapter, encode_prompts, load_model
-from pipeline.models.loader import build_random
+from pipeline.models.processors import ForwardContext, shot_runs
 
-torch.manual_seed(0)
+PRESETS = {"wan": ["model=tiny-wan"], "sana": ["model=tiny-sana", "attention=linear"]}
 
 
 @pytest.fixture(scope="module")
@@ -20,103 +21,100 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("models"))
 
 
-def _cfg(cache, *overrides):
-    return load_config(None, [f"model.cache_dir={cache}", *overrides])
+def _cfg(cache, family, *overrides):
+    return load_config(None, [*PRESETS[family], f"model.cache_dir={cache}", *overrides])
+
+
+def _setup(cache, family, *overrides):
+    """(cfg, bundle, diffusers' transformer with its own processors, adapter over another copy)."""
+    cfg = _cfg(cache, family, *overrides)
+    bundle = load_model(cfg.model)
+    raw = copy.deepcopy(bundle.transformer)  # the adapter swaps the processors of bundle.transformer
+    return cfg, bundle, raw, build_adapter(bundle, cfg.attention)
 
 
 @pytest.fixture(scope="module")
 def wan(cache):
-    cfg = _cfg(cache)
-    bundle = load_model(cfg.model)
-    return cfg, bundle, copy.deepcopy(bundle.transformer), build_adapter(bundle, cfg.attention)
+    return _setup(cache, "wan")
 
 
 @pytest.fixture(scope="module")
 def sana(cache):
-    cfg = _cfg(cache, "model=tiny-sana", "attention=linear")
-    bundle = load_model(cfg.model)
-    return cfg, bundle, copy.deepcopy(bundle.transformer), build_adapter(bundle, cfg.attention)
+    return _setup(cache, "sana")
 
 
-def test_random_preset_is_saved_once_and_reloads_identically(cache, wan, monkeypatch):
-    cfg, bundle, raw, _ = wan
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
-    path = build_random(cfg.model)
-    assert sorted(os.listdir(path)) == ["model_index.json", "text_encoder", "tokenizer", "transformer", "vae"]
-    stamp = {p: os.stat(os.path.join(path, p)).st_mtime_ns for p in os.listdir(path)}
-    again = load_model(cfg.model)
-    assert again.path == bundle.path == str(path)
-    assert stamp == {p: os.stat(os.path.join(path, p)).st_mtime_ns for p in os.listdir(path)}  # not rebuilt
-    for a, b in zip(raw.state_dict().values(), again.transformer.state_dict().values()):
-        assert torch.equal(a, b)
-    # The same directory loads through model.path, the way users' weights do.
-    by_path = load_model(_cfg(cache, f"model.path={path}").model)
-    assert torch.equal(by_path.vae.decoder.conv_out.weight, bundle.vae.decoder.conv_out.weight)
-
-
-def test_bad_path_is_one_line(cache, tmp_path):
-    with pytest.raises(ValueError) as err:
-        load_model(_cfg(cache, f"model.path={tmp_path}/missing").model)
-    assert str(err.value).startswith("model.path: cannot load wan weights from") and "\n" not in str(err.value)
-
-
-def test_prompts_encode_offline_with_zeroed_padding(wan):
-    _, bundle, _, _ = wan
-    text = encode_prompts(bundle, ["a red circle", "a blue square moves left"], 32)
-    assert text.embeds.shape == (2, 32, 32) and text.mask.sum(1).tolist() == [13, 25]
-    assert torch.all(text.embeds[0, 13:] == 0) and text.embeds[0, :13].abs().sum() > 0
+def _reference(family, raw, latents, t, text):
+    """diffusers' own forward with one prompt per batch row: text.embeds (B, L, C), text.mask (B, L)."""
+    if family == "wan":
+        return raw(hidden_states=latents, timestep=t, encoder_hidden_states=text.embeds, return_dict=False)[0]
+    return raw(hidden_states=latents, encoder_hidden_states=text.embeds, timestep=t,
+               encoder_attention_mask=text.mask.long(), return_dict=False)[0]
 
 
 @pytest.mark.parametrize("family", ["wan", "sana"])
-def test_adapter_equals_diffusers_forward(family, request):
-    cfg, bundle, raw, adapter = request.getfixturevalue(family)
-    text = encode_prompts(bundle, ["a red circle moves right"], 16)
-    latents, t = torch.randn(1, 16, 3, 8, 8), torch.tensor([700.0])
-    layout = VideoLayout(3, 4, 4)
-    with torch.no_grad():
-        ours = adapter(latents, t, text.embeds[None], layout, states=adapter.new_states(), text_mask=text.mask[None])
-        if family == "wan":
-            ref = raw(hidden_states=latents, timestep=t, encoder_hidden_states=text.embeds, return_dict=False)[0]
-        else:
-            ref = raw(hidden_states=latents, encoder_hidden_states=text.embeds, timestep=t,
-                      encoder_attention_mask=text.mask.long(), return_dict=False)[0]
+@torch.no_grad()
+def test_adapter_forward_equals_diffusers(family, request):
+    _, bundle, raw, adapter = request.getfixturevalue(family)
+    text = encode_prompts(bundle, ["a red circle moves right", "a green square"], 16)
+    latents, t = torch.randn(2, 16, 3, 8, 12), torch.tensor([700.0, 120.0])  # two rows, two timesteps
+    layout = VideoLayout(3, 4, 6)
+    ours = adapter(latents, t, text.embeds[:, None], layout, states=adapter.new_states(),
+                   text_mask=text.mask[:, None])
+    ref = _reference(family, raw, latents, t, text)
     assert ours.shape == ref.shape == latents.shape
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
-def test_cross_attention_reads_each_shots_own_prompt(wan):
-    """Tokens of shot s see only prompt s: the same as diffusers' cross-attention with prompt s."""
-    _, bundle, raw, adapter = wan
-    text = encode_prompts(bundle, ["a red circle", "a green triangle bounces"], 16)
-    layout = VideoLayout(4, 4, 4, shot_frames=(3, 1))
-    tokens = adapter.prepare(torch.randn(1, 16, 4, 8, 8), torch.tensor([300.0]), text.embeds[None], layout)
-    hidden = torch.randn(1, layout.num_tokens, adapter.dim)
-    from pipeline.attention import AttentionMeta
-    from pipeline.models.adapter import ForwardContext, shot_runs
+@pytest.mark.parametrize("family", ["wan", "sana"])
+@torch.no_grad()
+def test_shots_with_one_prompt_equal_diffusers(family, request):
+    """Three shots that share a prompt: per-shot cross-attention then is diffusers' cross-attention."""
+    _, bundle, raw, adapter = request.getfixturevalue(family)
+    text = encode_prompts(bundle, ["a blue ball"], 16)
+    latents, t = torch.randn(1, 16, 4, 8, 8), torch.tensor([400.0])
+    layout = VideoLayout(4, 4, 4, shot_frames=(1, 2, 1))
+    ours = adapter(latents, t, text.embeds[None].expand(1, 3, -1, -1), layout, states=adapter.new_states(),
+                   text_mask=text.mask[None].expand(1, 3, -1))
+    assert (ours - _reference(family, raw, latents, t, text)).abs().max().item() <= 1e-5
 
+
+@pytest.mark.parametrize("family", ["wan", "sana"])
+@torch.no_grad()
+def test_cross_attention_reads_each_shots_own_prompt(family, request):
+    """Tokens of shot s attend to prompt s only: diffusers' cross-attention with prompt s alone."""
+    _, bundle, raw, adapter = request.getfixturevalue(family)
+    text = encode_prompts(bundle, ["a red circle", "a green triangle bounces", "night"], 16)
+    layout = VideoLayout(4, 4, 4, shot_frames=(1, 2, 1), first_shot=1)  # a block holding shots 1, 2, 3
+    embeds = torch.cat([torch.zeros_like(text.embeds[:1]), text.embeds])[None]  # rows 0..3; row 0 unused
+    mask = torch.cat([torch.ones_like(text.mask[:1]), text.mask])[None]
+    tokens = adapter.prepare(torch.randn(1, 16, 4, 8, 8), torch.tensor([300.0]), embeds, layout, mask)
+    assert tokens.shot.tolist() == [1] * 16 + [2] * 32 + [3] * 16
+    hidden = torch.randn(1, layout.num_tokens, adapter.dim)
     adapter.context = ForwardContext(AttentionMeta(layout), [None] * adapter.num_layers, shot_runs(tokens.shot),
-                                     tokens.text_len, None)
+                                     tokens.text_len, tokens.cond.get("text_mask"))
     try:
-        with torch.no_grad():
-            ours = adapter.blocks[0].attn2(hidden, tokens.cond["text"])
+        ours = adapter.blocks[0].attn2(hidden, tokens.cond["text"])
     finally:
         adapter.context = None
-    ref_attn = raw.blocks[0].attn2
-    with torch.no_grad():
-        for shot, (a, b) in enumerate([(0, 48), (48, 64)]):
-            rows = tokens.cond["text"][:, shot * 16:(shot + 1) * 16]
+    ref_attn = raw.blocks[0].attn2 if family == "wan" else raw.transformer_blocks[0].attn2
+    for row, (a, b) in zip((1, 2, 3), [(0, 16), (16, 48), (48, 64)]):
+        rows = tokens.cond["text"][:, row * 16:(row + 1) * 16]
+        if family == "wan":
             ref = ref_attn(hidden[:, a:b], rows)
-            assert (ours[:, a:b] - ref).abs().max().item() <= 1e-5
+        else:
+            bias = ((1 - mask[:, row].float()) * -10000.0)[:, None]  # (B, 1, L), as diffusers' forward makes it
+            ref = ref_attn(hidden[:, a:b], encoder_hidden_states=rows, attention_mask=bias)
+        assert (ours[:, a:b] - ref).abs().max().item() <= 1e-5
 
 
-def test_batched_guidance_rows_equal_separate_calls(wan):
+@torch.no_grad()
+def test_batched_rows_equal_separate_calls(wan):
     _, bundle, _, adapter = wan
-    text = encode_prompts(bundle, ["", "a red circle"], 16)
-    latents, layout = torch.randn(1, 16, 2, 8, 8), VideoLayout(2, 4, 4)
-    embeds = text.embeds[:, None]  # (2, 1, L, C): uncond row, cond row
-    with torch.no_grad():
-        both = adapter(latents.expand(2, -1, -1, -1, -1), torch.tensor([500.0, 500.0]), embeds, layout)
-        one = [adapter(latents, torch.tensor([500.0]), embeds[i:i + 1], layout) for i in range(2)]
+    text = encode_prompts(bundle, ["", "a red circle", "a blue square"], 16)
+    latents, layout = torch.randn(1, 16, 3, 8, 8), VideoLayout(3, 4, 4, shot_frames=(2, 1))
+    embeds = torch.stack([text.embeds[[0, 0]], text.embeds[[1, 2]]])  # (2, S=2, L, C): uncond row, cond row
+    both = adapter(latents.expand(2, -1, -1, -1, -1), torch.tensor([500.0, 500.0]), embeds, layout)
+    one = [adapter(latents, torch.tensor([500.0]), embeds[i:i + 1], layout) for i in range(2)]
     assert (both - torch.cat(one)).abs().max().item() <= 1e-5
 
 
@@ -126,6 +124,98 @@ def test_rope_positions_are_absolute(wan):
     late = whole.frames_slice(4, 6)
     cos_all, sin_all = adapter.rope(whole, "cpu")
     cos, sin = adapter.rope(late, "cpu")
+    assert cos.shape == (1, 32, 1, adapter.head_dim) and cos.dtype == torch.float32
     assert torch.equal(cos, cos_all[:, 4 * 16:]) and torch.equal(sin, sin_all[:, 4 * 16:])
-    with pytest.raises(ValueError, match="rope_max_seq_len"):
+    assert not torch.equal(cos, adapter.rope(VideoLayout(2, 4, 4), "cpu")[0])  # frame 0, 1 differ from 4, 5
+    with pytest.raises(ConfigError, match="rope_max_seq_len 256"):
         adapter.rope(VideoLayout(300, 4, 4), "cpu")
+
+
+@torch.no_grad()
+def test_a_layers_attention_callable_can_be_replaced(wan):
+    _, bundle, _, adapter = wan
+    text = encode_prompts(bundle, ["a red circle"], 16)
+    latents, t, layout = torch.randn(1, 16, 2, 8, 8), torch.tensor([250.0]), VideoLayout(2, 4, 4)
+    before = adapter(latents, t, text.embeds[None], layout)
+    method, calls = adapter.attention[1], []
+
+    class Recording:  # what context parallelism's wrapper looks like from here
+        needs_routing, applies_rope, has_state = method.needs_routing, method.applies_rope, method.has_state
+
+        def __call__(self, q, k, v, meta):
+            calls.append((tuple(q.shape), meta.layer, meta.layout))
+            return method(q, k, v, meta)
+
+    adapter.set_attention(1, Recording())
+    try:
+        after = adapter(latents, t, text.embeds[None], layout)
+    finally:
+        adapter.set_attention(1, method)
+    assert calls == [((1, 32, adapter.heads, adapter.head_dim), 1, layout)]
+    assert torch.equal(before, after)
+
+
+def test_dense_layers_keep_softmax_and_bad_layers_are_refused(cache, wan):
+    _, bundle, _, _ = wan
+    cfg = _cfg(cache, "wan", "attention.method=moc", "attention.dense_layers=[0]")
+    adapter = build_adapter(bundle, cfg.attention)
+    assert [fn.name for fn in adapter.attention] == ["dense", "moc"]
+    with pytest.raises(ConfigError) as e:
+        build_adapter(bundle, _cfg(cache, "wan", "attention.dense_layers=[2]").attention)
+    assert str(e.value).startswith("attention.dense_layers: layers [2] do not exist") and "\n" not in str(e.value)
+
+
+@torch.no_grad()
+def test_moga_with_one_group_equals_diffusers(cache, wan):
+    """With M = 1 every token is in the one group and the gate is 1: MoGA is dense attention."""
+    _, bundle, raw, _ = wan
+    cfg = _cfg(cache, "wan", "attention.method=moga", "attention.moga.num_groups=1")
+    adapter = build_adapter(bundle, cfg.attention)
+    text = encode_prompts(bundle, ["a red circle"], 16)
+    latents, t = torch.randn(1, 16, 2, 8, 8), torch.tensor([600.0])
+    ours = adapter(latents, t, text.embeds[None], VideoLayout(2, 4, 4))
+    assert (ours - _reference("wan", raw, latents, t, text)).abs().max().item() <= 1e-5
+    assert len(adapter.aux_losses) == 2
+
+
+@torch.no_grad()
+def test_moga_routers_route_each_layer_and_fit_once_per_video(cache, wan):
+    _, bundle, _, _ = wan
+    cfg = _cfg(cache, "wan", "attention.method=moga", "attention.moga.num_groups=3", "attention.dense_layers=[0]")
+    adapter = build_adapter(bundle, cfg.attention)
+    assert sorted(adapter.routers) == ["1"] and adapter.routers_to_fit == {1}  # router_init auto, no checkpoint
+    text = encode_prompts(bundle, ["a red circle"], 16)
+    layout = VideoLayout(2, 4, 4)
+    run = lambda: adapter(torch.randn(2, 16, 2, 8, 8), torch.tensor([600.0, 600.0]),  # noqa: E731
+                          text.embeds[None].expand(2, -1, -1, -1), layout)
+    run()
+    routing = adapter.last_meta[1].routing
+    assert routing.groups.shape == (2, 32) and routing.num_groups == 3 and adapter.last_meta[0].routing is None
+    assert len(adapter.aux_losses) == 1 and torch.isfinite(adapter.aux_losses[0])
+    fitted = adapter.routers["1"].proj.weight.clone()
+    run()
+    assert torch.equal(adapter.routers["1"].proj.weight, fitted)  # frozen for the rest of the video
+    adapter.reset_routers()
+    run()
+    assert not torch.equal(adapter.routers["1"].proj.weight, fitted)  # the next video fits its own
+
+
+def test_moga_routers_from_a_checkpoint(cache, wan):
+    _, bundle, _, _ = wan
+    cfg = _cfg(cache, "wan", "attention.method=moga", "attention.moga.router_init=checkpoint")
+    with pytest.raises(ConfigError, match="router_init: the weights ship no"):
+        build_adapter(bundle, cfg.attention)
+    state = {"0.proj.weight": torch.randn(5, 64), "1.proj.weight": torch.randn(5, 64)}
+    adapter = type(build_adapter(bundle, _cfg(cache, "wan").attention))(bundle.transformer, cfg.attention, state)
+    assert torch.equal(adapter.routers["1"].proj.weight, state["1.proj.weight"]) and not adapter.routers_to_fit
+
+
+def test_image_conditioned_wan_is_refused():
+    from diffusers import WanTransformer3DModel
+
+    from pipeline.models.wan import WanAdapter
+
+    i2v = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, text_dim=16, freq_dim=16, ffn_dim=16,
+                                num_layers=1, image_dim=16)
+    with pytest.raises(ConfigError, match="only text-to-video Wan"):
+        WanAdapter(i2v, load_config(None, []).attention)

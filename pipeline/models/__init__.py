@@ -1,4 +1,5 @@
-"""Model families over diffusers: loading (loader.py), prompts (text.py), adapters (wan.py, sana.py)."""
+"""Model families over diffusers: loading (loader.py, random_weights.py), prompts (text.py), and the
+adapters (adapter.py + processors.py, wan.py, sana.py) that run the transformer in three stages."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pipeline.models.text import TextEmbeddings, encode_prompts
 
 
 def build_adapter(bundle: ModelBundle, attention_cfg) -> DiTAdapter:
-    """The family's adapter around bundle.transformer with attention methods from the config."""
+    """The family's adapter around bundle.transformer, with attention methods from attention_cfg."""
     from pipeline.models.sana import SanaAdapter
     from pipeline.models.wan import WanAdapter
 

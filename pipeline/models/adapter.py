@@ -1,154 +1,85 @@
 """The adapter over a diffusers video DiT: three stages and replaceable per-layer attention.
 
-    tokens = adapter.prepare(latents, timestep, text, layout)   # patchify, embeddings, RoPE
-    tokens = adapter.run_blocks(tokens, meta, states)           # the transformer blocks
-    pred   = adapter.finish(tokens, latents.shape)              # output norm, projection, unpatchify
+    tokens = adapter.prepare(latents, timestep, text, layout, text_mask)   # patchify, embeddings, RoPE
+    tokens = adapter.run_blocks(tokens, meta, states)                      # the transformer blocks
+    pred   = adapter.finish(tokens, latents.shape)                         # norm, projection, unpatchify
+    adapter(latents, timestep, text, layout, meta, states, text_mask)      # the three in a row
 
-Everything per token in Tokens (hidden, rope, shot) is in sequence order and may be sliced along
-the sequence: context parallelism shards between prepare and run_blocks and gathers before finish,
-from outside; model code here never calls torch.distributed. Self-attention goes through
-`adapter.attention[layer]`, a registry method or anything with the same call and flags (the
-Ulysses wrapper), replaceable with set_attention. Cross-attention is per shot: a video token
-attends only to its own shot's prompt.
+Context parallelism works from outside, between the stages: it cuts the per-token fields of
+Tokens (Tokens.SEQUENCE_DIMS) into contiguous shards (pad allowed) after prepare, runs run_blocks
+on its shard, and gathers hidden before finish; it swaps each layer's self-attention callable with
+set_attention. Model code here never calls torch.distributed.
+
+diffusers keeps the model definitions and the weights: the adapter calls its embedding modules,
+blocks and output layers, and only replaces the attention processors (processors.py).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Callable, ClassVar, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attention import AttentionMeta, StateSlot, build_method
-from pipeline.attention.rope import apply_rope
+from pipeline.attention import AttentionMeta, Routing, StateSlot, build_method
+from pipeline.config import ConfigError
 from pipeline.layout import VideoLayout
-
-try:  # MoGA's router lands with the moga method; models without routing don't need it
-    from pipeline.attention.moga import MoGARouter, kmeans_init
-except ImportError:  # pragma: no cover
-    MoGARouter = kmeans_init = None
+from pipeline.models.processors import ForwardContext, SelfAttentionProcessor, ShotCrossAttentionProcessor, shot_runs
 
 
 @dataclass
 class Tokens:
-    hidden: torch.Tensor  # (B, N, C) video tokens, frame-major
-    rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) each (1, N, 1, D), absolute frame positions
-    shot: torch.Tensor  # (N,) int64: the text row (shot of the video) each token's cross-attention reads
-    grid: tuple[int, int, int]  # (frames, height, width) of the tokens held
-    text_len: int  # L: text tokens per row of cond["text"] (B, S * L, C)
-    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # replicated: time embeddings, text, mask
+    """The video tokens between prepare and finish, and what the blocks are conditioned on.
+
+    Per token, in sequence (frame-major) order, sliceable along the sequence (SEQUENCE_DIMS):
+    hidden, rope (both tensors), shot. Everything else is replicated: every shard needs all of it."""
+
+    SEQUENCE_DIMS: ClassVar[dict[str, int]] = {"hidden": 1, "rope": 1, "shot": 0}
+
+    hidden: torch.Tensor  # (B, N, C) video tokens
+    rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) each (1, N, 1, D) fp32, absolute frame positions
+    shot: torch.Tensor  # (N,) int64: the text row (the video's shot index) each token's cross-attention reads
+    grid: tuple[int, int, int]  # (frames, height, width) of the tokens held (SANA's Mix-FFN reshapes to it)
+    text_len: int  # L: text tokens per row of cond["text"]
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # time embeddings, text (B, S * L, C), text_mask
 
     def with_hidden(self, hidden: torch.Tensor) -> "Tokens":
         return replace(self, hidden=hidden)
 
 
-@dataclass
-class ForwardContext:
-    """What the processors of one run_blocks call read (set for its duration only)."""
-
-    meta: AttentionMeta
-    states: list[StateSlot | None]
-    shot_runs: list[tuple[int, int, int]]  # (text row, start, end) runs over the tokens held
-    text_len: int  # L: text tokens per row
-    text_mask: torch.Tensor | None  # (B, S, L) bool, or None to attend to all L (Wan)
-
-
-def shot_runs(shot: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Contiguous runs of equal shot ids: shots are frame ranges, so a handful of runs."""
-    values, counts = torch.unique_consecutive(shot.cpu(), return_counts=True)
-    out, start = [], 0
-    for v, c in zip(values.tolist(), counts.tolist()):
-        out.append((v, start, start + c))
-        start += c
-    return out
-
-
-class SelfAttentionProcessor:
-    """q, k, v projections as diffusers does them, then `adapter.attention[layer]`."""
-
-    def __init__(self, adapter: "DiTAdapter", layer: int):
-        self.adapter, self.layer = adapter, layer
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        ctx, layer = self.adapter.context, self.layer
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, N, H, D)
-        fn = self.adapter.attention[layer]
-        meta = ctx.meta.for_layer(layer, ctx.states[layer])
-        if fn.needs_routing:  # MoGA: route on the hidden state the layer sees (local tokens under CP)
-            router = self.adapter.routers[str(layer)]
-            if layer in self.adapter.routers_to_fit:  # training-free: k-means centroids, then frozen
-                kmeans_init(router, hidden_states, self.adapter.kmeans_iters)
-                self.adapter.routers_to_fit.discard(layer)
-            meta.routing, loss = router(hidden_states)
-            self.adapter.aux_losses.append(loss)
-        if fn.applies_rope:
-            meta.rope = rotary_emb
-        else:
-            q, k = apply_rope(q, rotary_emb), apply_rope(k, rotary_emb)
-        o = fn(q, k, v, meta).flatten(2).to(hidden_states.dtype)  # (B, N, H*D)
-        self.adapter.last_meta[layer] = meta
-        return attn.to_out[1](attn.to_out[0](o))
-
-
-class ShotCrossAttentionProcessor:
-    """Cross-attention where each video token reads only its shot's prompt (text row).
-
-    encoder_hidden_states holds every row back to back: (B, S * L, C). Cross-attention is short
-    (L keys), so it calls SDPA directly rather than a sparse method."""
-
-    def __init__(self, adapter: "DiTAdapter"):
-        self.adapter = adapter
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        ctx = self.adapter.context
-        q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        heads = attn.heads
-        q = q.unflatten(2, (heads, -1)).transpose(1, 2)  # (B, H, N, D)
-        k = k.unflatten(2, (heads, -1)).transpose(1, 2)  # (B, H, S*L, D)
-        v = v.unflatten(2, (heads, -1)).transpose(1, 2)
-        out = torch.empty_like(q)
-        L = ctx.text_len
-        for row, start, end in ctx.shot_runs:
-            bias = None
-            if ctx.text_mask is not None:  # SANA: masked padding, as a bias like diffusers does
-                bias = ((~ctx.text_mask[:, row]).to(q.dtype) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
-            out[:, :, start:end] = F.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, row * L:(row + 1) * L], v[:, :, row * L:(row + 1) * L], attn_mask=bias)
-        o = out.transpose(1, 2).flatten(2).type_as(q)  # (B, N, H*D)
-        o = attn.to_out[1](attn.to_out[0](o))
-        return o / getattr(attn, "rescale_output_factor", 1.0)
-
-
 class DiTAdapter(nn.Module):
-    """Base: owns the diffusers transformer, per-layer attention callables and MoGA routers."""
+    """Base of the family adapters: owns the diffusers transformer, one attention callable per layer,
+    the MoGA routers of routed layers, and the processors that call them."""
 
-    family: str
+    family: ClassVar[str]
 
     def __init__(self, transformer: nn.Module, attention_cfg, routers_state: dict | None = None):
         super().__init__()
+        self.check_supported(transformer)
         self.transformer = transformer
-        self.context: ForwardContext | None = None
-        self.aux_losses: list[torch.Tensor] = []  # MoGA group-balancing losses of the last forward
-        self.last_meta: dict[int, AttentionMeta] = {}  # per layer: what its attention computed (stats)
-        self.routers: nn.ModuleDict | None = None
-        self.routers_to_fit: set[int] = set()  # routers that fit k-means centroids on their next call
-        self.kmeans_iters = attention_cfg.moga.kmeans_iters
-        self.attention: list = []
+        self.context: ForwardContext | None = None  # set during run_blocks only
+        self.aux_losses: list[torch.Tensor] = []  # MoGA group-balancing losses of the last run_blocks
+        self.last_meta: dict[int, AttentionMeta] = {}  # per layer: the meta of its last call (stats)
+        self.attention: list = []  # per layer: callable(q, k, v, meta) -> o with the method's flags
+        self.routers: nn.ModuleDict | None = None  # str(layer) -> MoGARouter, routed layers only
+        # How a training-free router is fitted: (router, hidden (B, N, C), iters). Replaceable: under
+        # context parallelism every rank must fit the same router (from the whole sequence).
+        self.fit_router: Callable | None = None
+        self.routers_to_fit: set[int] = set()
         self.configure_attention(attention_cfg, routers_state)
-        for i, block in enumerate(self.blocks):
-            block.attn1.set_processor(SelfAttentionProcessor(self, i))
+        for layer, block in enumerate(self.blocks):
+            block.attn1.set_processor(SelfAttentionProcessor(self, layer))
             block.attn2.set_processor(ShotCrossAttentionProcessor(self))
 
-    # --- architecture ----------------------------------------------------------------------------
+    # --- architecture (families override) --------------------------------------------------------
     @property
     def blocks(self) -> nn.ModuleList:
         raise NotImplementedError
+
+    def check_supported(self, transformer: nn.Module) -> None:
+        """Refuse variants of the architecture the adapter does not implement (one line)."""
 
     @property
     def num_layers(self) -> int:
@@ -166,91 +97,143 @@ class DiTAdapter(nn.Module):
     def dim(self) -> int:
         return self.blocks[0].attn1.to_q.in_features
 
-    def default_method(self, attention_cfg) -> str:
-        return attention_cfg.method
-
-    # --- attention -------------------------------------------------------------------------------
+    # --- attention ---------------------------------------------------------------------------------
     def configure_attention(self, attention_cfg, routers_state: dict | None = None) -> None:
-        """One method per layer (dense for attention.dense_layers); MoGA routers when needed."""
+        """attention.method in every layer but attention.dense_layers; a MoGA router per routed layer."""
         p = next(self.transformer.parameters())
-        method = self.default_method(attention_cfg)
-        dense_layers = set(attention_cfg.dense_layers)
-        self.attention = [build_method(attention_cfg, p.device, p.dtype, "dense" if i in dense_layers else method)
-                          for i in range(self.num_layers)]
+        dense = set(attention_cfg.dense_layers)
+        bad = sorted(i for i in dense if not 0 <= i < self.num_layers)
+        if bad:
+            raise ConfigError("attention.dense_layers", list(attention_cfg.dense_layers),
+                              f"layers {bad} do not exist (the model has {self.num_layers}: 0..{self.num_layers - 1})")
+        names = ["dense" if i in dense else attention_cfg.method for i in range(self.num_layers)]
+        self.attention = [build_method(attention_cfg, p.device, p.dtype, name) for name in names]
+        self.routers, self.routers_to_fit, self.fit_router = None, set(), None
         routed = [i for i, fn in enumerate(self.attention) if fn.needs_routing]
-        self.routers, self.fit_routers = None, False
         if routed:
+            self._make_routers(attention_cfg.moga, routed, routers_state, p.device)
 
-            m = attention_cfg.moga
-            self.routers = nn.ModuleDict({str(i): MoGARouter(self.dim, m.num_groups, m.balance_weight)
-                                          for i in routed}).to(p.device)
-            init = m.router_init
-            if init == "checkpoint" and routers_state is None:
-                raise ValueError("attention.moga.router_init: checkpoint, but the weights ship no "
-                                 "transformer/longreel_routers.safetensors (use kmeans or random)")
-            if routers_state is not None and init in ("auto", "checkpoint"):
-                self.routers.load_state_dict(routers_state)
-            self.fit_routers = init == "kmeans" or (init == "auto" and routers_state is None)
-            self.reset_routers()
+    def _make_routers(self, moga_cfg, routed: list[int], routers_state: dict | None, device) -> None:
+        from pipeline.attention.moga import MoGARouter, kmeans_init
+
+        self.routers = nn.ModuleDict({str(i): MoGARouter(self.dim, moga_cfg.num_groups, moga_cfg.balance_weight)
+                                      for i in routed}).to(device)
+        init = moga_cfg.router_init
+        if init == "checkpoint" and routers_state is None:
+            raise ConfigError("attention.moga.router_init", init, "the weights ship no "
+                                                                  "transformer/longreel_routers.safetensors")
+        if routers_state is not None and init in ("auto", "checkpoint"):
+            wanted = self.routers.state_dict()
+            missing = sorted(k for k in wanted if k not in routers_state)
+            if missing:
+                raise ConfigError("attention.moga.router_init", init, f"the routers file has no {missing[0]} "
+                                                                      f"(keys are <layer>.proj.weight)")
+            self.routers.load_state_dict({k: routers_state[k] for k in wanted})
+        self.fit_router = kmeans_init
+        self.fit_each_video = init == "kmeans" or (init == "auto" and routers_state is None)
+        self.kmeans_iters = moga_cfg.kmeans_iters
+        self.reset_routers()
+
+    def reset_routers(self) -> None:
+        """Training-free routers fit their k-means centroids again at the next video's first step."""
+        if self.routers is not None and self.fit_each_video:
+            self.routers_to_fit = {int(i) for i in self.routers}
+
+    def route(self, layer: int, hidden: torch.Tensor) -> Routing:
+        """MoGA routing of the tokens the layer holds (hidden (B, N, C)); the loss goes to aux_losses."""
+        router = self.routers[str(layer)]
+        if layer in self.routers_to_fit:
+            self.fit_router(router, hidden, self.kmeans_iters)
+            self.routers_to_fit.discard(layer)
+        routing, loss = router(hidden)
+        self.aux_losses.append(loss)
+        return routing
 
     def set_attention(self, layer: int, fn) -> None:
-        """Replace layer's self-attention callable (context parallelism wraps them from outside)."""
+        """Replace layer's self-attention callable: fn(q, k, v, meta) -> o with the flags of the
+        method it stands for (needs_routing, applies_rope, has_state)."""
         self.attention[layer] = fn
 
-    # --- stages ----------------------------------------------------------------------------------
+    def new_states(self) -> list[StateSlot | None]:
+        """Fresh per-layer state slots for a new video (a slot for stateful methods, else None)."""
+        return [StateSlot() if fn.has_state else None for fn in self.attention]
+
+    # --- stage 1: prepare ----------------------------------------------------------------------------
     def rope(self, layout: VideoLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) (1, N, 1, D) at absolute frames [frame_offset, frame_offset + frames)."""
+        """(cos, sin) each (1, N, 1, D) fp32 at absolute frames [frame_offset, frame_offset + frames).
+
+        diffusers' tables, read at the layout's positions (its own forward starts every call at
+        frame 0); fp32 rather than the tables' fp64 halves their memory at 500k tokens."""
         r = self.transformer.rope
         t0, t1 = layout.frame_offset, layout.frame_offset + layout.frames
-        if t1 > r.max_seq_len or max(layout.height, layout.width) > r.max_seq_len:
-            raise ValueError(f"video: {t1} latent frames of {layout.height}x{layout.width} tokens exceed the "
-                             f"model's rope_max_seq_len {r.max_seq_len}")
-        sizes = [r.t_dim, r.h_dim, r.w_dim]
+        T, H, W = layout.frames, layout.height, layout.width
+        if t1 > r.max_seq_len or max(H, W) > r.max_seq_len:
+            raise ConfigError("video", f"{t1} latent frames of {H}x{W} tokens",
+                              f"exceeds the model's rope_max_seq_len {r.max_seq_len}")
         out = []
         for table in (r.freqs_cos, r.freqs_sin):
-            ft, fh, fw = table.split(sizes, dim=1)
-            T, H, W = layout.frames, layout.height, layout.width
+            table = table.to(device, torch.float32)  # (max_seq_len, D)
+            ft, fh, fw = table.split([r.t_dim, r.h_dim, r.w_dim], dim=1)
             full = torch.cat([ft[t0:t1].view(T, 1, 1, -1).expand(T, H, W, -1),
                               fh[:H].view(1, H, 1, -1).expand(T, H, W, -1),
-                              fw[:W].view(1, 1, W, -1).expand(T, H, W, -1)], dim=-1)
-            out.append(full.reshape(1, T * H * W, 1, -1).to(device))
+                              fw[:W].view(1, 1, W, -1).expand(T, H, W, -1)], dim=-1)  # (T, H, W, D)
+            out.append(full.reshape(1, T * H * W, 1, -1))
         return out[0], out[1]
 
-    def prepare(self, latents, timestep, text, layout: VideoLayout, text_mask=None) -> Tokens:
+    def token_shots(self, layout: VideoLayout, device) -> torch.Tensor:
+        """(N,) the video-level shot index (text row) of every token."""
+        return (layout.token_shot() + layout.first_shot).to(device)
+
+    def prepare(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, layout: VideoLayout,
+                text_mask: torch.Tensor | None = None) -> Tokens:
         """latents (B, C, T, H, W); timestep (B,); text (B, S, L, C_text) one row per shot of the
-        video; text_mask (B, S, L) bool where the family masks padded text tokens."""
+        video; text_mask (B, S, L) bool (read by families that mask text padding)."""
         raise NotImplementedError
 
+    # --- stage 2: blocks -------------------------------------------------------------------------------
     def block_forward(self, block: nn.Module, tokens: Tokens) -> torch.Tensor:
         raise NotImplementedError
 
-    def finish(self, tokens: Tokens, shape: torch.Size) -> torch.Tensor:
-        raise NotImplementedError
-
-    def run_blocks(self, tokens: Tokens, meta: AttentionMeta, states: list[StateSlot | None] | None = None) -> Tokens:
+    @contextmanager
+    def forward_context(self, tokens: Tokens, meta: AttentionMeta, states: Sequence[StateSlot | None] | None):
         states = states if states is not None else [None] * self.num_layers
-        mask = tokens.cond.get("text_mask")
-        self.context = ForwardContext(meta, states, shot_runs(tokens.shot), tokens.text_len, mask)
-        self.aux_losses = []
+        if len(states) != self.num_layers:
+            raise ValueError(f"states: {len(states)} slots for {self.num_layers} layers")
+        self.context = ForwardContext(meta, states, shot_runs(tokens.shot), tokens.text_len,
+                                      tokens.cond.get("text_mask"))
         try:
+            yield self.context
+        finally:
+            self.context = None
+
+    def run_blocks(self, tokens: Tokens, meta: AttentionMeta,
+                   states: Sequence[StateSlot | None] | None = None) -> Tokens:
+        """All transformer blocks on the tokens held. meta: the step's AttentionMeta (its layout is the
+        whole sequence attention sees); states: per-layer slots (None: stateless methods only)."""
+        self.aux_losses = []
+        with self.forward_context(tokens, meta, states):
             hidden = tokens.hidden
             for block in self.blocks:
                 hidden = self.block_forward(block, tokens.with_hidden(hidden))
-        finally:
-            self.context = None
         return tokens.with_hidden(hidden)
 
-    def forward(self, latents, timestep, text, layout: VideoLayout, meta: AttentionMeta | None = None,
-                states: list[StateSlot | None] | None = None, text_mask=None) -> torch.Tensor:
+    # --- stage 3: finish ---------------------------------------------------------------------------------
+    def finish(self, tokens: Tokens, shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unpatchify(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """(B, N, p_t * p_h * p_w * C) -> (B, C, T, H, W) of the latents' `shape`."""
+        b, _, t, h, w = shape
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        x = x.reshape(b, t // p_t, h // p_h, w // p_w, p_t, p_h, p_w, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T', p_t, H', p_h, W', p_w)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    # --- all three ------------------------------------------------------------------------------------------
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, layout: VideoLayout,
+                meta: AttentionMeta | None = None, states: Sequence[StateSlot | None] | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction (B, C, T, H, W) for latents (B, C, T, H, W): finish(run_blocks(prepare(...)))."""
         meta = meta or AttentionMeta(layout)
         tokens = self.prepare(latents, timestep, text, layout, text_mask)
         return self.finish(self.run_blocks(tokens, meta, states), latents.shape)
-
-    def new_states(self) -> list[StateSlot | None]:
-        """Fresh per-layer state slots for a new video (stateful methods only)."""
-        return [StateSlot() if fn.has_state else None for fn in self.attention]
-
-    def reset_routers(self) -> None:
-        """Training-free routers fit their k-means centroids again on the next video's first step."""
-        if self.routers is not None and self.fit_routers:
-            self.routers_to_fit = {int(i) for i in self.routers}

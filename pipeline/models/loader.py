@@ -1,122 +1,67 @@
-"""Load a model family's components from a directory or hub id in diffusers layout.
+"""Load a model family's components from a local directory or a hub id in diffusers layout.
 
-Layout (what diffusers' save_pretrained writes and what Wan/SANA-Video checkpoints ship):
-    transformer/  vae/  text_encoder/  tokenizer/   [+ transformer/longreel_routers.safetensors]
-Random-weight presets (model.path empty) are built once from model.architecture with a fixed
-seed, saved in that same layout under model.cache_dir, and then loaded from there: users' weights
-and test weights go through one code path.
+Layout (what save_pretrained writes and what the Wan / SANA-Video diffusers checkpoints ship):
+    model_index.json  transformer/  vae/  text_encoder/  tokenizer/
+    [transformer/longreel_routers.safetensors]   MoGA routers, when the weights were trained with them
+model_index.json names each component's class; the family fixes the transformer class, the VAE must
+be the Wan VAE (video decoding streams through its causal cache), the text encoder may be any
+transformers class. Without model.path, random weights are built from model.architecture, saved
+in this layout (random_weights.py) and loaded from there: one code path for every model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
+
 ROUTERS_FILE = "longreel_routers.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRANSFORMERS = {"wan": "WanTransformer3DModel", "sana": "SanaVideoTransformer3DModel"}
+DEFAULT_TEXT_ENCODERS = {"wan": "UMT5EncoderModel", "sana": "Gemma2Model"}
+SUPPORTED_VAES = ("AutoencoderKLWan",)
 
 
 @dataclass
 class ModelBundle:
-    """Everything one rank needs to denoise and decode a video."""
+    """Everything one rank needs to encode prompts, denoise and decode a video."""
 
     family: str  # wan | sana
-    path: str  # where the components were loaded from
+    path: str  # where the components were loaded from (a directory or a hub id)
     transformer: nn.Module  # diffusers WanTransformer3DModel / SanaVideoTransformer3DModel
     vae: nn.Module  # diffusers AutoencoderKLWan
-    text_encoder: nn.Module  # transformers UMT5EncoderModel / Gemma2Model
+    text_encoder: nn.Module  # transformers UMT5EncoderModel / Gemma2Model (or what model_index.json names)
     tokenizer: object
     device: torch.device
-    dtype: torch.dtype
-    routers_state: dict | None = None  # MoGA router weights shipped with the transformer, if any
+    dtype: torch.dtype  # transformer and text encoder
+    routers_state: dict[str, torch.Tensor] | None = None  # MoGA routers shipped with the weights
+    text_instruction: str = ""  # prepended to prompts (not the negative prompt) before encoding
 
 
-def _classes(family: str):
-    import transformers
-    from diffusers import AutoencoderKLWan, SanaVideoTransformer3DModel, WanTransformer3DModel
-
-    if family == "wan":
-        return WanTransformer3DModel, AutoencoderKLWan, transformers.UMT5EncoderModel, transformers.UMT5Config
-    if family == "sana":
-        return SanaVideoTransformer3DModel, AutoencoderKLWan, transformers.Gemma2Model, transformers.Gemma2Config
-    raise ValueError(f"model.family: unknown family {family!r} (known: wan, sana)")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device) -> torch.device:
+    """model.device: auto = the first CUDA device when there is one, else the CPU."""
+    if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Random-weight presets: build once, save in diffusers layout, load like real weights
-# ---------------------------------------------------------------------------------------------
+def _is_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(source))
 
 
-def _architecture(model_cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    arch = model_cfg.architecture
-    return OmegaConf.to_container(arch, resolve=True) if isinstance(arch, DictConfig) else dict(arch)
-
-
-def _cache_key(model_cfg) -> str:
-    import diffusers
-    import transformers
-
-    arch = _architecture(model_cfg)
-    blob = json.dumps({"family": model_cfg.family, "architecture": arch, "diffusers": diffusers.__version__,
-                       "transformers": transformers.__version__.split(".")[0]}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-def build_random(model_cfg) -> Path:
-    """Directory holding model.architecture with seeded random weights (built on first use)."""
-    arch = _architecture(model_cfg)
-    root = Path(os.path.expanduser(model_cfg.cache_dir))
-    target = root / f"{model_cfg.preset}-{_cache_key(model_cfg)}"
-    if (target / "model_index.json").is_file():
-        return target
-    _quiet()
-    root.mkdir(parents=True, exist_ok=True)
-    transformer_cls, vae_cls, text_cls, text_config_cls = _classes(model_cfg.family)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            transformer_cls(**arch["transformer"]).save_pretrained(tmp / "transformer")
-            vae_cls(**arch["vae"]).save_pretrained(tmp / "vae")
-            text_cls(text_config_cls(**arch["text_encoder"])).save_pretrained(tmp / "text_encoder")
-        from transformers import ByT5Tokenizer
-
-        ByT5Tokenizer().save_pretrained(tmp / "tokenizer")  # byte-level: no vocabulary to download
-        (tmp / "model_index.json").write_text(json.dumps({"family": model_cfg.family, "random_weights": True,
-                                                          "preset": model_cfg.preset}))
-        try:
-            os.rename(tmp, target)  # atomic; another process may have won the race
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------
-# The one loader
-# ---------------------------------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _quiet() -> None:
-    """Loading is reported by longreel's own progress; the libraries' per-file bars are noise in logs."""
+    """Per-file progress bars of the libraries are noise in job logs; longreel reports its own progress."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
@@ -124,32 +69,103 @@ def _quiet() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def load_model(model_cfg, device: torch.device | str | None = None) -> ModelBundle:
-    """Load transformer, VAE, text encoder and tokenizer (model.path, or the random-weight cache)."""
+# ---------------------------------------------------------------------------------------------
+# 1. Which classes: model_index.json, checked against the family
+# ---------------------------------------------------------------------------------------------
+
+
+def read_model_index(source: str, revision: str = "") -> dict | None:
+    """model_index.json of a directory or hub repository; None when it has none."""
+    if _is_local(source):
+        path = Path(os.path.expanduser(source)) / "model_index.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "model_index.json", revision=revision or None)).read_text())
+    except EntryNotFoundError:
+        return None
+
+
+def component_classes(family: str, index: dict | None) -> tuple[type, type, type]:
+    """(transformer, vae, text encoder) classes for `family`, as model_index.json names them."""
+    import diffusers
+    import transformers
+
+    def named(component: str, default: str) -> str:
+        entry = (index or {}).get(component)
+        return entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else default
+
+    transformer = named("transformer", TRANSFORMERS[family])
+    if transformer != TRANSFORMERS[family]:
+        raise ConfigError("model.family", family, f"the weights' transformer is {transformer}; family {family} "
+                                                  f"needs {TRANSFORMERS[family]}")
+    vae = named("vae", SUPPORTED_VAES[0])
+    if vae not in SUPPORTED_VAES:
+        raise ConfigError("model.path", vae, f"VAE class not supported (longreel decodes with "
+                                             f"{', '.join(SUPPORTED_VAES)})")
+    text = named("text_encoder", DEFAULT_TEXT_ENCODERS[family])
+    if not hasattr(transformers, text):
+        raise ConfigError("model.path", text, "text encoder class not found in transformers")
+    return getattr(diffusers, transformer), getattr(diffusers, vae), getattr(transformers, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The one loader
+# ---------------------------------------------------------------------------------------------
+
+
+def _routers(source: str, revision: str) -> dict[str, torch.Tensor] | None:
+    """transformer/longreel_routers.safetensors when the weights ship one."""
+    from safetensors.torch import load_file
+
+    if _is_local(source):
+        path = Path(os.path.expanduser(source)) / "transformer" / ROUTERS_FILE
+        return load_file(str(path)) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return load_file(hf_hub_download(source, f"transformer/{ROUTERS_FILE}", revision=revision or None))
+    except EntryNotFoundError:
+        return None
+
+
+def load_model(model_cfg, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
+    """Transformer, VAE, text encoder and tokenizer of model.path (or of the random-weight cache).
+
+    device: default model.device ("auto": CUDA when available); dtype: default model.dtype, for the
+    transformer and the text encoder (the VAE uses model.vae_dtype). Weights are frozen (eval,
+    no grad); MoGA routers found next to the transformer come back as routers_state."""
     from transformers import AutoTokenizer
 
-    _quiet()
-    device = resolve_device(model_cfg.device) if device is None else torch.device(device)
-    dtype, vae_dtype = DTYPES[model_cfg.dtype], DTYPES[model_cfg.vae_dtype]
-    source = str(build_random(model_cfg)) if not model_cfg.path else model_cfg.path
-    local = Path(os.path.expanduser(source))
-    where = str(local) if local.is_dir() else source  # a hub id otherwise
-    kw = {"revision": model_cfg.revision} if model_cfg.revision and not local.is_dir() else {}
-    transformer_cls, vae_cls, text_cls, _ = _classes(model_cfg.family)
-    try:
-        transformer = transformer_cls.from_pretrained(where, subfolder="transformer", torch_dtype=dtype, **kw)
-        vae = vae_cls.from_pretrained(where, subfolder="vae", torch_dtype=vae_dtype, **kw)
-        text_encoder = text_cls.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer", **kw)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"model.path: cannot load {model_cfg.family} weights from {source!r}: {first}") from None
-    routers = None
-    routers_file = local / "transformer" / ROUTERS_FILE
-    if local.is_dir() and routers_file.is_file():
-        from safetensors.torch import load_file
+    from pipeline.models.random_weights import random_weights_dir
 
-        routers = load_file(str(routers_file))
+    _quiet()
+    device = resolve_device(model_cfg.device if device is None else device)
+    dtype = DTYPES[model_cfg.dtype] if dtype is None else dtype
+    vae_dtype = DTYPES[model_cfg.vae_dtype]
+    source = model_cfg.path or str(random_weights_dir(model_cfg))
+    local = _is_local(source)
+    if local and not Path(os.path.expanduser(source)).is_dir():
+        raise ConfigError("model.path", source, "no such directory (expected a directory in diffusers layout "
+                                                "or a hub id like Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+    where = os.path.expanduser(source) if local else source
+    hub = {} if local or not model_cfg.revision else {"revision": model_cfg.revision}
+    try:
+        index = read_model_index(where, model_cfg.revision)
+        transformer_cls, vae_cls, text_cls = component_classes(model_cfg.family, index)
+        transformer = transformer_cls.from_pretrained(where, subfolder="transformer", torch_dtype=dtype, **hub)
+        vae = vae_cls.from_pretrained(where, subfolder="vae", torch_dtype=vae_dtype, **hub)
+        text_encoder = text_cls.from_pretrained(where, subfolder="text_encoder", dtype=dtype, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer", **hub)
+        routers = _routers(where, model_cfg.revision)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:  # missing files, bad repo ids, bad JSON
+        raise ConfigError("model.path", source, f"cannot load {model_cfg.family} weights: {_first_line(e)}") from None
     for module in (transformer, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
-    return ModelBundle(model_cfg.family, source, transformer, vae, text_encoder, tokenizer, device, dtype, routers)
+    return ModelBundle(model_cfg.family, source, transformer, vae, text_encoder, tokenizer, device, dtype, routers,
+                       model_cfg.text_instruction)

@@ -1,7 +1,19 @@
 """The denoising loop of one block: flow matching, classifier-free guidance batched in one call.
 
-Any block is reproducible alone: its initial noise comes from a generator seeded by (video seed,
-block index), drawn on the CPU so CPU and GPU runs start from the same noise.
+A Denoiser belongs to one video (make one per video; it is cheap): it encodes the video's prompts
+once and owns the per-layer state slots of its attention methods (linear attention's sums, lite's
+skip record), fresh for the video. Per block:
+
+    x = noise(seed, block index)                      # (1, C, T_b, h, w) fp32, any block reproducible alone
+    for each step t:
+        meta = AttentionMeta(block layout, step)      # built once, shared by every layer
+        pred = model([x, x], t, [uncond, cond] text)  # one call, batch of 2 (1 when guidance <= 1)
+        pred = uncond + g * (cond - uncond)
+        x = scheduler.step(pred, t, x)
+
+Batching cond and uncond keeps their attention state apart: every stateful method keeps one state
+per batch row. The model call is the adapter's forward, or what context parallelism puts in its
+place (same signature: run_model(latents, timestep, text, layout, meta, states, text_mask)).
 """
 
 from __future__ import annotations
@@ -22,9 +34,9 @@ Progress = Callable[[int, int, int], None]  # (block index, steps done, steps)
 
 @dataclass
 class VideoText:
-    """Prompts of one video, ready for batched CFG: row 0 uncond (if any), last row cond."""
+    """A video's prompts for batched CFG: row 0 uncond (when guided), the last row cond."""
 
-    embeds: torch.Tensor  # (B, S, L, C): per shot; the uncond row repeats the negative prompt
+    embeds: torch.Tensor  # (B, S, L, C): one prompt per shot; the uncond row repeats the negative prompt
     mask: torch.Tensor  # (B, S, L) bool
 
     @property
@@ -33,51 +45,65 @@ class VideoText:
 
 
 def block_seed(seed: int, block_index: int) -> int:
+    """A 63-bit seed from (video seed, block index): nearby seeds give unrelated streams."""
     digest = hashlib.sha256(f"longreel:{seed}:{block_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def block_noise(plan: ShotPlan, block: Block, seed: int) -> torch.Tensor:
-    """(1, C, T_b, h, w) fp32 standard normal noise, a function of (seed, block index) only."""
+    """(1, C, T_b, h, w) fp32 standard normal noise, a function of (seed, block index) only; drawn on
+    the CPU so that every device starts from the same noise."""
     g = torch.Generator("cpu").manual_seed(block_seed(seed, block.index))
     return torch.randn(plan.latent_shape(block), generator=g)
 
 
 class Denoiser:
-    """Runs a block's steps. `run_model(latents, timestep, text, layout, meta, states, text_mask)`
-    is the adapter's forward by default; context parallelism passes its sharded forward."""
+    """Runs the steps of a video's blocks. `cfg` is the video's config (seed, prompts, sampling);
+    `run_model` defaults to the adapter's forward."""
 
     def __init__(self, adapter, bundle, cfg, run_model: Callable | None = None):
         self.adapter, self.bundle, self.cfg = adapter, bundle, cfg
         self.run_model = run_model or adapter
+        self.states: list[StateSlot | None] = adapter.new_states()  # this video's carried state, per layer
+        self._text: VideoText | None = None
+        adapter.reset_routers()  # training-free MoGA routers fit again on this video's first step
 
     def encode(self, plan: ShotPlan) -> VideoText:
-        """Per-shot prompts (cond) and the negative prompt per shot (uncond, when guidance > 1)."""
+        """Per-shot prompts (cond) and the negative prompt per shot (uncond, when guidance > 1);
+        encoded on the first call, the same object afterwards."""
+        if self._text is None:
+            self._text = self._encode(plan)
+        return self._text
+
+    def _encode(self, plan: ShotPlan) -> VideoText:
         L = self.cfg.model.text_max_length
-        guided = self.cfg.sampling.guidance_scale > 1.0
-        prompts = list(plan.prompts) + ([self.cfg.video.negative_prompt] if guided else [])
-        text = encode_prompts(self.bundle, prompts, L)
+        cond = encode_prompts(self.bundle, list(plan.prompts), L, self.bundle.text_instruction)  # (S, L, C)
+        if self.cfg.sampling.guidance_scale <= 1.0:
+            return VideoText(cond.embeds[None], cond.mask[None])
+        neg = encode_prompts(self.bundle, [self.cfg.video.negative_prompt], L)  # (1, L, C); no instruction
         s = len(plan.prompts)
-        cond, cond_mask = text.embeds[:s], text.mask[:s]
-        if not guided:
-            return VideoText(cond[None], cond_mask[None])
-        uncond, uncond_mask = text.embeds[s:].expand(s, -1, -1), text.mask[s:].expand(s, -1)
-        return VideoText(torch.stack([uncond, cond]), torch.stack([uncond_mask, cond_mask]))
+        return VideoText(torch.stack([neg.embeds.expand(s, -1, -1), cond.embeds]),
+                         torch.stack([neg.mask.expand(s, -1), cond.mask]))
 
     @torch.no_grad()
-    def denoise_block(self, plan: ShotPlan, block: Block, text: VideoText,
+    def denoise_block(self, plan: ShotPlan, block: Block, text: VideoText | None = None,
                       states: list[StateSlot | None] | None = None, progress: Progress | None = None) -> torch.Tensor:
-        """The block's clean latents (1, C, T_b, h, w) fp32 on the model's device."""
+        """The block's denoised latents (1, C, T_b, h, w) fp32 on the model's device.
+
+        text: default the video's (encode(plan)); states: default the denoiser's own slots (pass
+        others to run a block from a restored checkpoint)."""
         cfg, device, dtype = self.cfg, self.bundle.device, self.bundle.dtype
+        text = text if text is not None else self.encode(plan)
+        states = states if states is not None else self.states
         x = block_noise(plan, block, cfg.video.seed).to(device)
-        scheduler = make_scheduler(cfg.sampling)
+        scheduler = make_scheduler(cfg.sampling)  # stateful (UniPC's history): one per block
         scheduler.set_timesteps(cfg.sampling.steps, device=device)
-        batch, g = text.embeds.shape[0], cfg.sampling.guidance_scale
         embeds, mask = text.embeds.to(device, dtype), text.mask.to(device)
+        batch, g = embeds.shape[0], cfg.sampling.guidance_scale
         steps = len(scheduler.timesteps)
         for i, t in enumerate(scheduler.timesteps):
-            meta = AttentionMeta(block.layout, step=i)  # built once per step, shared by every layer
-            model_in = x.to(dtype).expand(batch, -1, -1, -1, -1)
+            meta = AttentionMeta(block.layout, step=i)
+            model_in = x.to(dtype).repeat(batch, 1, 1, 1, 1)  # (B, C, T_b, h, w): uncond and cond rows
             pred = self.run_model(model_in, t.expand(batch), embeds, block.layout, meta, states, mask).float()
             if text.guided:
                 uncond, cond = pred.chunk(2)
