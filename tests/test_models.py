@@ -22,7 +22,8 @@ def cache(tmp_path_factory):
 
 
 def _cfg(cache, family, *overrides):
-    return load_config(None, [*PRESETS[family], f"model.cache_dir={cache}", *overrides])
+    """CPU unless overridden: the references below run on the CPU (CUDA has its own tests at the end)."""
+    return load_config(None, [*PRESETS[family], f"model.cache_dir={cache}", "model.device=cpu", *overrides])
 
 
 def _setup(cache, family, *overrides):
@@ -219,3 +220,29 @@ def test_image_conditioned_wan_is_refused():
                                 num_layers=1, image_dim=16)
     with pytest.raises(ConfigError, match="only text-to-video Wan"):
         WanAdapter(i2v, load_config(None, []).attention)
+
+
+# --- CUDA (skipped without a GPU): the same equality on the device, and bf16 as close as diffusers' ---
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("family", ["wan", "sana"])
+@torch.no_grad()
+def test_adapter_forward_equals_diffusers_on_cuda(family, cache):
+    preds = {}
+    for dtype in ("float32", "bfloat16"):
+        _, bundle, raw, adapter = _setup(cache, family, "model.device=cuda", f"model.dtype={dtype}")
+        gen = torch.Generator("cpu").manual_seed(0)
+        latents = torch.randn(2, 16, 5, 16, 24, generator=gen).to("cuda", bundle.dtype)
+        t = torch.tensor([700.0, 120.0], device="cuda")
+        text = encode_prompts(bundle, ["a red circle moves right", "a green square"], 32)
+        layout = VideoLayout(5, 8, 12)
+        ours = adapter(latents, t, text.embeds[:, None], layout, states=adapter.new_states(),
+                       text_mask=text.mask[:, None]).float()
+        preds[dtype] = (ours, _reference(family, raw, latents, t, text).float())
+    ours32, ref32 = preds["float32"]
+    assert (ours32 - ref32).abs().max().item() <= 1e-4  # kernels may differ in summation order on the GPU
+    ours16, ref16 = preds["bfloat16"]
+    assert (ours16 - ref32).abs().max().item() <= 2 * (ref16 - ref32).abs().max().item() + 1e-2

@@ -50,7 +50,7 @@ def no_network(monkeypatch):
 
 
 def _cfg(cache, family, *overrides):
-    return load_config(None, [*PRESETS[family], f"model.cache_dir={cache}", *overrides])
+    return load_config(None, [*PRESETS[family], f"model.cache_dir={cache}", "model.device=cpu", *overrides])
 
 
 @pytest.mark.parametrize("family", ["wan", "sana"])

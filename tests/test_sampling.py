@@ -11,7 +11,7 @@ from pipeline.sampling.denoise import Denoiser, block_noise
 from pipeline.sampling.plan import ShotPlan
 from pipeline.sampling.schedulers import make_scheduler
 
-FAST = ["video.height=32", "video.width=32", "video.fps=4", "sampling.steps=2",
+FAST = ["model.device=cpu", "video.height=32", "video.width=32", "video.fps=4", "sampling.steps=2",
         "video.shots=[{prompt: a red circle, seconds: 1.25}, {prompt: a blue square, seconds: 1}]"]
 SANA = ["model=tiny-sana", "attention=linear"]
 
@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundles(cache):
     """One loaded model per family for the module (adapters are rebuilt per method: cheap)."""
-    return {family: load_model(load_config(None, [f"model.cache_dir={cache}", *extra]).model)
+    return {family: load_model(load_config(None, [f"model.cache_dir={cache}", "model.device=cpu", *extra]).model)
             for family, extra in (("wan", []), ("sana", SANA))}
 
 
@@ -127,3 +127,17 @@ def test_linear_denoises_the_tiny_sana(bundles, cache):
     assert [type(fn).__name__ for fn in adapter.attention] == ["LinearAttention"] * 2
     # every video gets fresh slots
     assert all(slot.value is None for slot in Denoiser(adapter, denoiser.bundle, denoiser.cfg).states)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_denoises_on_cuda_in_bf16(cache, method):
+    extra = SANA if method == "linear" else [f"attention.method={method}"]
+    cfg = load_config(None, [f"model.cache_dir={cache}", *FAST, "model.device=cuda", "model.dtype=bfloat16",
+                             "video.height=64", "video.width=96", "sampling.guidance_scale=3.0", *extra])
+    bundle = load_model(cfg.model)
+    denoiser = Denoiser(build_adapter(bundle, cfg.attention), bundle, cfg)
+    plan = ShotPlan.from_config(cfg)
+    out = denoiser.denoise_block(plan, plan.blocks[0])
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    assert out.shape == plan.latent_shape(plan.blocks[0]) and torch.isfinite(out).all()
