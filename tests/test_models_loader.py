@@ -156,6 +156,10 @@ def test_bad_weights_fail_with_one_line(cache, tmp_path, no_network):
     with pytest.raises(ConfigError) as e:
         load_model(_cfg(cache, "wan", f"model.path={other_vae}").model)
     _one_line(e, "model.path: VAE class not supported")
+    (other_vae / "model_index.json").write_text(json.dumps({**index, "transformer_2": ["diffusers", "X"]}))
+    with pytest.raises(ConfigError) as e:
+        load_model(_cfg(cache, "wan", f"model.path={other_vae}").model)
+    _one_line(e, "model.path: two-expert Wan2.2 (A14B) weights are not supported")
     assert no_network == []
 
 

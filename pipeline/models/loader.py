@@ -97,6 +97,11 @@ def component_classes(family: str, index: dict | None) -> tuple[type, type, type
         entry = (index or {}).get(component)
         return entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else default
 
+    second = (index or {}).get("transformer_2")
+    if isinstance(second, list) and any(second):
+        raise ConfigError("model.path", "transformer_2", "two-expert Wan2.2 (A14B) weights are not supported")
+    if (index or {}).get("expand_timesteps"):
+        raise ConfigError("model.path", "expand_timesteps", "Wan2.2 TI2V (per-token timesteps) is not supported")
     transformer = named("transformer", TRANSFORMERS[family])
     if transformer != TRANSFORMERS[family]:
         raise ConfigError("model.family", family, f"the weights' transformer is {transformer}; family {family} "
