@@ -1,7 +1,7 @@
 """parallelize(adapter, ctx): the sharded forward of tiny Wan and tiny SANA-Video, with every attention
-method, equals the one-process forward (fp32, max |error| <= 1e-5) on gloo groups of 2 and 4
-processes; diffusers' own Ulysses (ContextParallelConfig(ulysses_degree=2)) on the stock tiny Wan is a
-second oracle. The same checks run in 2 Ray actors."""
+method, equals the one-process forward (fp32, max |error| <= 1e-5) over gloo, on 2 ranks as Ray actors
+(as the WorkerGroup runs them) and on 4 spawned processes; diffusers' own Ulysses
+(ContextParallelConfig(ulysses_degree=2)) on the stock tiny Wan is a second oracle."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from pipeline.attention import METHODS, AttentionMeta
 from pipeline.config import load_config
 from pipeline.layout import VideoLayout
-from pipeline.parallel.groups import ParallelContext, Rendezvous, close_group, free_port, init_group
 from pipeline.parallel import parallelize
+from pipeline.parallel.groups import ParallelContext, Rendezvous, close_group, free_port, init_group
 
 TOL = 1e-5
 B, S, L = 2, 2, 4  # batch rows (CFG's uncond and cond), shots (text rows), text tokens per shot
@@ -49,12 +49,16 @@ def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
         close_group(ctx)
 
 
-def build(family: str, method: str, section: dict):
-    """A tiny adapter with fixed random weights (the same on every rank) and its diffusers model."""
+def family_config(family: str):
+    return load_config(None, ["model=tiny-sana", "attention=linear"] if family == "sana" else [])
+
+
+def build(family: str, method: str, section: dict, cfg=None):
+    """A tiny adapter with fixed random weights (the same on every rank); cfg: family_config(family)."""
     from pipeline.models.sana import SanaAdapter
     from pipeline.models.wan import WanAdapter
 
-    cfg = load_config(None, ["model=tiny-sana", "attention=linear"] if family == "sana" else [])
+    cfg = cfg or family_config(family)
     attention = OmegaConf.merge(cfg.attention, {"method": method, **section})
     arch = OmegaConf.to_container(cfg.model.architecture.transformer)
     torch.manual_seed(0)
@@ -82,10 +86,10 @@ def assert_close(got, want, what):
     assert err <= TOL, f"{what}: max |error| {err:.3g} > {TOL}"
 
 
-def compare(ctx: ParallelContext, family: str, method: str, section: dict, calls: list[AttentionMeta]) -> None:
+def compare(ctx: ParallelContext, family: str, method: str, section: dict, calls: list[AttentionMeta], cfg) -> None:
     """Each meta of `calls` in turn (steps of a video, or blocks with a carried state) on one rank and
     on the group, with the same per-layer state slots carried across the calls on each side."""
-    one = build(family, method, section)
+    one = build(family, method, section, cfg)
     many = parallelize(copy.deepcopy(one), ctx)
     states_one, states_many = one.new_states(), many.new_states()
     for i, meta in enumerate(calls):
@@ -98,13 +102,14 @@ def compare(ctx: ParallelContext, family: str, method: str, section: dict, calls
 
 def check_models(ctx: ParallelContext) -> None:
     assert set(WAN_METHODS) >= set(METHODS), "a new method needs a case here"
+    wan, sana = family_config("wan"), family_config("sana")
     for method, section in WAN_METHODS.items():
         steps = 2 if method == "lite" else 1  # lite: a full step, then a step with skips from the record
-        compare(ctx, "wan", method, section, [AttentionMeta(LAYOUT, step=s) for s in range(steps)])
+        compare(ctx, "wan", method, section, [AttentionMeta(LAYOUT, step=s) for s in range(steps)], wan)
     later = replace(LAYOUT, frame_offset=LAYOUT.frames)
     for causal in (False, True):  # SANA-Video: two blocks of a video, the first one's sums carried
         compare(ctx, "sana", "linear", {"linear": {"causal": causal}},
-                [AttentionMeta(LAYOUT, commit=True), AttentionMeta(later)])
+                [AttentionMeta(LAYOUT, commit=True), AttentionMeta(later)], sana)
 
 
 def check_diffusers_ulysses(ctx: ParallelContext) -> None:
@@ -128,15 +133,12 @@ def check_diffusers_ulysses(ctx: ParallelContext) -> None:
     assert_close(got, want, f"diffusers Ulysses P={ctx.world}")
 
 
-def check_all(ctx: ParallelContext) -> None:
-    check_models(ctx)
-    if ctx.world == 2:
-        check_diffusers_ulysses(ctx)
+def test_sharded_forward_equals_one_process_on_4_ranks():
+    spawn(4, check_models)  # P = 2: in Ray actors below
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sharded_forward_equals_one_process(world):
-    spawn(world, check_all)
+def test_diffusers_ulysses_is_a_second_oracle():
+    spawn(2, check_diffusers_ulysses)
 
 
 @pytest.fixture(scope="module")

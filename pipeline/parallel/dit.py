@@ -34,6 +34,8 @@ from pipeline.parallel.state import StateParallelAttention
 from pipeline.parallel.ulysses import UlyssesAttention, check_heads
 
 _WRAPPERS = (UlyssesAttention, StateParallelAttention, RingAttention)
+# Per-token fields of Tokens and their sequence dim (the adapter declares them as Tokens.SEQUENCE_DIMS).
+SEQUENCE_DIMS: dict[str, int] = getattr(Tokens, "SEQUENCE_DIMS", {"hidden": 1, "rope": 1, "shot": 0})
 
 
 def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ring: bool = False):
@@ -80,13 +82,22 @@ class ParallelDiT:
         token cut a shard is not a grid of frames and grid keeps the whole sequence's (Wan's blocks do
         not read it)."""
         rank, cut = self.ctx.rank, {}
-        for name, dim in getattr(Tokens, "SEQUENCE_DIMS", {"hidden": 1, "rope": 1, "shot": 0}).items():
+        for name, dim in SEQUENCE_DIMS.items():
             value = getattr(tokens, name)
             cut[name] = (tuple(shard(t, plan, rank, dim) for t in value) if isinstance(value, tuple)
                          else shard(value, plan, rank, dim))
         if self.by_frames:
             cut["grid"] = (plan.local_units,) + tuple(tokens.grid[1:])
         return replace(tokens, **cut)
+
+    @staticmethod
+    def without_sequence(tokens: Tokens) -> Tokens:
+        """Tokens with every per-token field emptied: what finish() needs besides the gathered hidden."""
+        empty = {}
+        for name in SEQUENCE_DIMS:
+            value = getattr(tokens, name)
+            empty[name] = tuple(t.new_empty(0) for t in value) if isinstance(value, tuple) else value.new_empty(0)
+        return replace(tokens, **empty)
 
     def gather(self, local: Tokens, whole: Tokens, plan: ShardPlan) -> Tokens:
         return whole.with_hidden(gather(local.hidden, plan, self.ctx, 1))
@@ -126,7 +137,7 @@ class ParallelDiT:
             return self.adapter.finish(self.adapter.run_blocks(tokens, meta, states), latents.shape)
         plan = plan_for(layout, self.ctx.world, self.by_frames)
         local = self.shard(tokens, plan)
-        tokens = tokens.with_hidden(tokens.hidden.new_empty(0))  # the whole (B, N, C) states are not kept
+        tokens = self.without_sequence(tokens)  # the whole (B, N, C) states and RoPE are not kept meanwhile
         local = self._run_shard(local, meta, states, plan)
         return self.adapter.finish(self.gather(local, tokens, plan), latents.shape)
 
