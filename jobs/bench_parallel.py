@@ -46,6 +46,7 @@ def parse(argv=None):
     p.add_argument("--out", default="outputs/bench_parallel")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="toy model and sizes (CPU dry run)")
+    p.add_argument("--dtype", default="", choices=["", "bfloat16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--methods", default="dense,moga+stga")
     p.add_argument("--sizes", default="", help="comma-separated size names (default: all of the grid set)")
     p.add_argument("--repeats", type=int, default=2)
@@ -77,9 +78,10 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __call__(self, run, warm: bool, ranks: int) -> tuple[float, float]:
+    def __call__(self, run, warm: bool, ranks: int) -> tuple[float, float, torch.Tensor | None]:
+        """(median seconds, peak GiB, this rank's last output on the CPU or None if it sat out)."""
         active = self.ctx.rank < ranks
-        times, peak = [0.0], 0.0
+        times, peak, result = [0.0], 0.0, None
         if active:
             for _ in range(self.args.warmup if warm else 0):
                 run()
@@ -91,7 +93,7 @@ class Timer:
             if ranks > 1:
                 dist.barrier(group=self.ctx.group)
             t0 = time.perf_counter()
-            run()
+            result = run()
             self.sync()
             times.append(time.perf_counter() - t0)
         if active and self.device.type == "cuda":
@@ -99,7 +101,15 @@ class Timer:
         out = torch.tensor([statistics.median(times), peak], dtype=torch.float64, device=self.device)
         if self.ctx.world > 1:
             dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.ctx.group)  # the idle ranks report 0
-        return float(out[0]), float(out[1])
+        result = result[0] if isinstance(result, tuple) else result
+        return float(out[0]), float(out[1]), None if result is None else result.float().cpu()
+
+
+def relative_error(got: torch.Tensor | None, want: torch.Tensor | None) -> float | None:
+    """max |got - want| / max |want|: the sharded prediction against rank 0's one-GPU prediction."""
+    if got is None or want is None:
+        return None
+    return float((got - want).abs().max() / want.abs().max())
 
 
 def build_transformer(arch: dict, device: torch.device, dtype: torch.dtype):
@@ -131,11 +141,11 @@ def inputs(grid, arch, device, dtype):
 def main(argv=None) -> int:
     args = parse(argv)
     ctx, device = join(args)
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     arch = TINY_WAN if args.tiny else WAN_1_3B
     grids = GRIDS["tiny" if args.tiny else "full"]
     sizes = args.sizes.split(",") if args.sizes else list(grids)
-    world, timer, rows = ctx.world, Timer(ctx, device, args), []
+    world, timer, rows, one_gpu = ctx.world, Timer(ctx, device, args), [], {}
     say = print if ctx.rank == 0 else (lambda *a, **k: None)
     transformer = build_transformer(arch, device, dtype)
     from pipeline.models.wan import WanAdapter
@@ -151,13 +161,15 @@ def main(argv=None) -> int:
             for i, size in enumerate(sizes):
                 latents, t, text, layout = inputs(grids[size], arch, device, dtype)
                 states = adapter.new_states()
-                sec, gib = timer(lambda: model(latents, t, text, layout, AttentionMeta(layout), states),
-                                 warm=i == 0, ranks=p)
+                sec, gib, pred = timer(lambda: model(latents, t, text, layout, AttentionMeta(layout), states),
+                                       warm=i == 0, ranks=p)
+                if p == 1:
+                    one_gpu[(method, size)] = pred
                 rows.append(dict(config=f"ours {method}", size=size, tokens=layout.num_tokens, P=p, s_per_step=sec,
-                                 peak_gib=gib))
+                                 peak_gib=gib, rel_err_vs_p1=relative_error(pred, one_gpu.get((method, size)))))
                 say(f"  ours {method:<10} {size:>6} P={p}: {sec:.3f} s/step, {gib:.2f} GiB")
     if world > 1 and not args.no_diffusers:
-        rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say)
+        rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say, one_gpu)
     if ctx.rank == 0:
         report(rows, Path(args.out), dict(world=world, device=str(device), dtype=str(dtype), tiny=args.tiny,
                                           repeats=args.repeats, warmup=args.warmup,
@@ -167,7 +179,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say) -> list[dict]:
+def diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say, one_gpu) -> list[dict]:
     """The peer: the stock model (diffusers' own processors) with ContextParallelConfig(ulysses_degree=P)."""
     from diffusers import ContextParallelConfig
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -183,10 +195,10 @@ def diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device,
     rows = []
     for i, size in enumerate(sizes):
         latents, t, text, layout = inputs(grids[size], arch, device, dtype)
-        sec, gib = timer(lambda: transformer(hidden_states=latents, timestep=t, encoder_hidden_states=text[:, 0],
-                                            return_dict=False), warm=i == 0, ranks=ctx.world)
+        sec, gib, pred = timer(lambda: transformer(hidden_states=latents, timestep=t, encoder_hidden_states=text[:, 0],
+                                                  return_dict=False), warm=i == 0, ranks=ctx.world)
         rows.append(dict(config="diffusers Ulysses (dense)", size=size, tokens=layout.num_tokens, P=ctx.world,
-                         s_per_step=sec, peak_gib=gib))
+                         s_per_step=sec, peak_gib=gib, rel_err_vs_p1=relative_error(pred, one_gpu.get(("dense", size)))))
         say(f"  diffusers Ulysses {size:>6} P={ctx.world}: {sec:.3f} s/step, {gib:.2f} GiB")
     return rows
 
@@ -200,10 +212,12 @@ def report(rows: list[dict], out: Path, setup: dict) -> None:
         ours_cp = r["P"] > 1 and not r["config"].startswith("diffusers")
         r["diffusers_cp_over_ours"] = (peer[r["size"]] / r["s_per_step"]
                                        if r["size"] in peer and ours_cp and r["s_per_step"] else None)
-    head = ["config", "tokens", "P", "s/step", "peak GiB/GPU", "speed-up vs P=1", "diffusers CP (dense) / ours"]
+    head = ["config", "tokens", "P", "s/step", "peak GiB/GPU", "speed-up vs P=1", "diffusers CP (dense) / ours",
+            "rel. err vs our P=1"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines = [[r["config"], str(r["tokens"]), str(r["P"]), fmt(r["s_per_step"], ".3f"), fmt(r["peak_gib"], ".2f"),
-              fmt(r["speedup_vs_p1"], ".2f"), fmt(r["diffusers_cp_over_ours"], ".2f")] for r in rows]
+              fmt(r["speedup_vs_p1"], ".2f"), fmt(r["diffusers_cp_over_ours"], ".2f"),
+              fmt(r["rel_err_vs_p1"] if r["P"] > 1 else None, ".1e")] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     print("\n" + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for line in lines:
