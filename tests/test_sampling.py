@@ -62,6 +62,9 @@ def test_guidance_batches_cond_and_uncond_in_one_call(bundles, cache):
     text = denoiser.encode(plan)
     assert text.guided and text.embeds.shape[:2] == (2, 2)  # (uncond, cond) x shots
     assert denoiser.encode(plan) is text  # encoded once per video
+    other = ShotPlan.from_config(load_config(None, [f"model.cache_dir={cache}", *FAST, "sampling.guidance_scale=4.0",
+                                                    "video.shots=[{prompt: a green cube, seconds: 1}]"]))
+    assert denoiser.encode(other).embeds.shape[:2] == (2, 1)  # other prompts are encoded anew
     calls = []
     denoiser.run_model = lambda *a: calls.append(a[0].shape[0]) or adapter(*a)
     batched = denoiser.denoise_block(plan, plan.blocks[0])

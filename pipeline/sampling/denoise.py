@@ -65,15 +65,15 @@ class Denoiser:
         self.adapter, self.bundle, self.cfg = adapter, bundle, cfg
         self.run_model = run_model or adapter
         self.states: list[StateSlot | None] = adapter.new_states()  # this video's carried state, per layer
-        self._text: VideoText | None = None
+        self._text: tuple[tuple[str, ...], VideoText] | None = None  # (prompts, their encoding)
         adapter.reset_routers()  # training-free MoGA routers fit again on this video's first step
 
     def encode(self, plan: ShotPlan) -> VideoText:
         """Per-shot prompts (cond) and the negative prompt per shot (uncond, when guidance > 1);
-        encoded on the first call, the same object afterwards."""
-        if self._text is None:
-            self._text = self._encode(plan)
-        return self._text
+        encoded once for the plan's prompts, the same object for every block."""
+        if self._text is None or self._text[0] != plan.prompts:
+            self._text = (plan.prompts, self._encode(plan))
+        return self._text[1]
 
     def _encode(self, plan: ShotPlan) -> VideoText:
         L = self.cfg.model.text_max_length
