@@ -27,13 +27,11 @@ class Pipeline:
 
     def __init__(self, cfg: Config):
         from pipeline.models import build_adapter, load_model
-        from pipeline.sampling.denoise import Denoiser
 
         t0 = time.perf_counter()
         self.cfg = cfg
         self.bundle = load_model(cfg.model)
         self.adapter = build_adapter(self.bundle, cfg.attention)
-        self.denoiser = Denoiser(self.adapter, self.bundle, cfg)
         self.load_s = time.perf_counter() - t0
 
     @classmethod
@@ -54,8 +52,14 @@ class Pipeline:
 
     def generate(self, video: dict[str, Any] | None = None, progress: bool = True) -> GenerationResult:
         """Generate one video (the config's, or `video` = {name, shots, seed, ...} merged into it),
-        write NAME.mp4 and NAME.json to the configured store, and return where they are."""
+        write NAME.mp4 and NAME.json to the configured store, and return where they are.
+
+        With more than one block, each finished block and the carried state after it are checkpointed
+        under NAME.ckpt/ (pipeline/runtime/checkpoint.py); a video generated again after an
+        interruption resumes after its last finished block, with the same result."""
+        from pipeline.runtime.checkpoint import BlockCheckpoint
         from pipeline.runtime.progress import ProgressDisplay
+        from pipeline.sampling.denoise import Denoiser
         from pipeline.sampling.plan import ShotPlan
         from pipeline.storage import open_store
         from pipeline.video.writer import VideoWriter
@@ -64,20 +68,30 @@ class Pipeline:
         t0 = time.perf_counter()
         plan = ShotPlan.from_config(cfg, self.bundle.transformer.config.in_channels)
         store = open_store(cfg.storage)
-        states = self.adapter.new_states()
-        self.adapter.reset_routers()
+        denoiser = Denoiser(self.adapter, self.bundle, cfg)  # this video's prompts, seed and carried state
+        checkpoint = BlockCheckpoint(store, cfg.video.name, cfg) if len(plan.blocks) > 1 else None
+        saved = checkpoint.load() if checkpoint is not None else None
         display = ProgressDisplay() if progress else None
         meter = _StepMeter(cfg.video.name, plan, cfg.sampling.steps, display)
         try:
             with VideoWriter(store, cfg.video.name, self.bundle.vae, cfg.video.fps, cfg.output) as writer:
-                text = self.denoiser.encode(plan)
-                for block in plan.blocks:
-                    latents = self.denoiser.denoise_block(plan, block, text, states, progress=meter.step)
+                start = 0
+                if saved is not None:  # finished blocks are decoded again; denoising goes on from their state
+                    denoiser.states.load_tensors(saved.state[0], self.bundle.device)
+                    for latents in saved.latents:
+                        writer.write_block(latents)
+                    start = saved.blocks_done
+                for block in plan.blocks[start:]:
+                    latents = denoiser.denoise_block(plan, block, progress=meter.step)
                     meter.block_done()
+                    if checkpoint is not None:
+                        checkpoint.save(block.index, latents, [denoiser.states.to_tensors()])  # one entry per rank
                     writer.write_block(latents)
                 timings = {"load_s": round(self.load_s, 3), "denoise_s": round(meter.denoise_s, 3),
                            "wall_s": round(time.perf_counter() - t0, 3)}
                 info = writer.finish(video_metadata(cfg, plan, timings, self.adapter))
+            if checkpoint is not None:
+                checkpoint.clear()
         finally:
             if display is not None:
                 display.close()

@@ -13,10 +13,15 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.layout import VideoLayout
 from pipeline.models.adapter import DiTAdapter, Tokens
+from pipeline.models.carry import install_conv_tails
 
 
 class SanaAdapter(DiTAdapter):
     family = "sana"
+
+    def __init__(self, transformer, attention_cfg, routers_state: dict | None = None):
+        super().__init__(transformer, attention_cfg, routers_state)
+        self.conv_tail_hooks = install_conv_tails(self)  # block mode: the Mix-FFN's temporal conv across blocks
 
     @property
     def blocks(self):

@@ -12,10 +12,16 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.layout import VideoLayout
 from pipeline.models.adapter import DiTAdapter, Tokens
+from pipeline.models.carry import with_rolling_cache
 
 
 class WanAdapter(DiTAdapter):
     family = "wan"
+
+    def configure_attention(self, attention_cfg, routers_state: dict | None = None) -> None:
+        """Dense layers also carry a rolling KV cache of clean frames in block mode (carry.py)."""
+        super().configure_attention(attention_cfg, routers_state)
+        self.attention = with_rolling_cache(self.attention)
 
     @property
     def blocks(self):

@@ -14,6 +14,11 @@ skip record), fresh for the video. Per block:
 Batching cond and uncond keeps their attention state apart: every stateful method keeps one state
 per batch row. The model call is the adapter's forward, or what context parallelism puts in its
 place (same signature: run_model(latents, timestep, text, layout, meta, states, text_mask)).
+
+Block mode carries context from block to block (state.py): after a block's last step, a commit
+pass runs the model once more on the block's clean latents at t = 0 with meta.commit, so every
+layer writes what later blocks see (linear sums, conv tail, rolling KV cache), computed from clean
+features as SANA-Video's and Self-Forcing's pipelines do. The last block of a video needs none.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pipeline.attention import AttentionMeta, StateSlot
 from pipeline.models import encode_prompts
 from pipeline.sampling.plan import Block, ShotPlan
 from pipeline.sampling.schedulers import make_scheduler
+from pipeline.sampling.state import CarriedState
 
 Progress = Callable[[int, int, int], None]  # (block index, steps done, steps)
 
@@ -64,7 +70,7 @@ class Denoiser:
     def __init__(self, adapter, bundle, cfg, run_model: Callable | None = None):
         self.adapter, self.bundle, self.cfg = adapter, bundle, cfg
         self.run_model = run_model or adapter
-        self.states: list[StateSlot | None] = adapter.new_states()  # this video's carried state, per layer
+        self.states = CarriedState.new(adapter, cfg.sampling)  # this video's carried state, per layer
         self._text: tuple[tuple[str, ...], VideoText] | None = None  # (prompts, their encoding)
         adapter.reset_routers()  # training-free MoGA routers fit again on this video's first step
 
@@ -87,11 +93,13 @@ class Denoiser:
 
     @torch.no_grad()
     def denoise_block(self, plan: ShotPlan, block: Block, text: VideoText | None = None,
-                      states: list[StateSlot | None] | None = None, progress: Progress | None = None) -> torch.Tensor:
+                      states: CarriedState | list[StateSlot | None] | None = None,
+                      progress: Progress | None = None) -> torch.Tensor:
         """The block's denoised latents (1, C, T_b, h, w) fp32 on the model's device.
 
-        text: default the video's (encode(plan)); states: default the denoiser's own slots (pass
-        others to run a block from a restored checkpoint)."""
+        text: default the video's (encode(plan)); states: default the denoiser's own CarriedState
+        (pass another to run a block from a restored checkpoint; plain per-layer slots carry nothing
+        from block to block). In block mode a commit pass follows every block but the video's last."""
         cfg, device, dtype = self.cfg, self.bundle.device, self.bundle.dtype
         text = text if text is not None else self.encode(plan)
         states = states if states is not None else self.states
@@ -111,4 +119,20 @@ class Denoiser:
             x = scheduler.step(pred, t, x, return_dict=False)[0]
             if progress is not None:
                 progress(block.index, i + 1, steps)
+        if isinstance(states, CarriedState) and states.carries and block.index + 1 < len(plan.blocks):
+            self.commit_block(block, x, text, states)
         return x
+
+    @torch.no_grad()
+    def commit_block(self, block: Block, latents: torch.Tensor, text: VideoText, states: CarriedState,
+                     timestep: float = 0.0) -> None:
+        """Write `block`'s context into `states`: one forward on its clean latents (1, C, T_b, h, w) at
+        `timestep` (0: clean) with meta.commit, batched like the steps (each CFG row keeps its own
+        state). The prediction is not used."""
+        device, dtype = self.bundle.device, self.bundle.dtype
+        embeds, mask = text.embeds.to(device, dtype), text.mask.to(device)
+        batch = embeds.shape[0]
+        meta = AttentionMeta(block.layout, step=self.cfg.sampling.steps, commit=True)
+        model_in = latents.to(device, dtype).repeat(batch, 1, 1, 1, 1)
+        t = torch.full((batch,), float(timestep), device=device)
+        self.run_model(model_in, t, embeds, block.layout, meta, states, mask)
