@@ -96,7 +96,8 @@ def build(family: str, cfg, device: torch.device):
     from pipeline.models.wan import WanAdapter
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    cls, adapter_cls = {"sana": (SanaVideoTransformer3DModel, SanaAdapter), "wan": (WanTransformer3DModel, WanAdapter)}[family]
+    cls, adapter_cls = {"sana": (SanaVideoTransformer3DModel, SanaAdapter),
+                        "wan": (WanTransformer3DModel, WanAdapter)}[family]
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: seconds, not minutes, for 2B parameters
         transformer = cls(**OmegaConf.to_container(cfg.model.architecture.transformer))
@@ -138,7 +139,8 @@ def run_video(adapter, bundle, cfg, text: VideoText, device: torch.device, block
         sync(device)
         seconds.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    full = [s for b, s in zip(plan.blocks, seconds) if b.frames == cfg.sampling.block_frames and b.index + 1 < len(plan.blocks)]
+    full = [s for b, s in zip(plan.blocks, seconds)  # full-size blocks that commit
+            if b.frames == cfg.sampling.block_frames and b.index + 1 < len(plan.blocks)]
     return {"plan": plan, "seconds": seconds, "full": full or seconds, "peak": peak,
             "state_bytes": denoiser.states.nbytes}
 

@@ -378,10 +378,18 @@ def validate(cfg: Config) -> None:
     _check(s.block_frames >= 0, "sampling.block_frames", s.block_frames, "must be >= 0")
     _check(s.window_frames >= 1, "sampling.window_frames", s.window_frames, "must be >= 1")
     _check(s.sink_frames >= 0, "sampling.sink_frames", s.sink_frames, "must be >= 0")
+    if s.mode == "block" and m.family == "wan":  # what carries across blocks: a rolling KV cache of dense layers
+        _check(a.method == "dense", "attention.method", a.method,
+               "sampling.mode=block on Wan carries a rolling KV cache of dense attention only: use attention=dense "
+               "or sampling.mode=joint")
 
     p = cfg.parallel
     _check(p.degree >= 1, "parallel.degree", p.degree, "must be >= 1")
     _one_of("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+    if s.mode == "block" and m.family == "sana":  # the carried Mix-FFN conv tail needs a block's frames on one rank
+        _check(p.degree == 1, "parallel.degree", p.degree,
+               "sampling.mode=block on SANA-Video carries its temporal-conv tail on one rank: use parallel.degree=1 "
+               "or sampling.mode=joint")
 
     st = cfg.storage
     _check(st.uri.startswith(("file://", "s3://")), "storage.uri", st.uri, "must start with file:// or s3://")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pipeline.attention import AttentionMeta, StateSlot, build_method
 from pipeline.attention.reference import reference_attention
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.layout import VideoLayout
 from pipeline.models import build_adapter, load_model
 from pipeline.models.carry import RollingKVCache
@@ -81,7 +81,8 @@ class Recorder:
     def __init__(self, method, adapter):
         self.method, self.adapter, self.calls = method, adapter, []
         self.name, self.cp_strategy = method.name, method.cp_strategy
-        self.needs_routing, self.applies_rope, self.has_state = method.needs_routing, method.applies_rope, method.has_state
+        self.needs_routing, self.applies_rope = method.needs_routing, method.applies_rope
+        self.has_state = method.has_state
 
     def __call__(self, q, k, v, meta):
         o = self.method(q, k, v, meta)
@@ -227,7 +228,8 @@ class FullContextReference:
         layout = meta.layout
         start = layout.frame_offset
         frames = torch.arange(start, start + layout.frames).repeat_interleave(layout.tokens_per_frame)
-        keys, values, key_frames = torch.cat(self.k + [k], 1), torch.cat(self.v + [v], 1), torch.cat(self.frames + [frames])
+        keys, values = torch.cat(self.k + [k], 1), torch.cat(self.v + [v], 1)
+        key_frames = torch.cat(self.frames + [frames])
         allowed = (key_frames >= start - self.window) | (key_frames < self.sink)
         o = reference_attention(q, keys, values, allowed[None, None, None, :])
         if meta.commit:
@@ -272,15 +274,20 @@ def test_wan_cache_memory_is_bounded(models, model_cache):
     assert sizes[2] == adapter.num_layers * (3 * per_frame + 3 * 8 + 2 * 8)  # + frame indices, sink and window
 
 
-def test_block_mode_refuses_attention_without_a_carry(models, model_cache):
-    bundle, _ = models["wan"]
-    cfg = make_cfg(model_cache, "wan", "attention=moc")
-    adapter = WanAdapter(copy.deepcopy(bundle.transformer), cfg.attention)
-    with pytest.raises(ValueError) as err:
-        CarriedState.new(adapter, cfg.sampling)
-    assert str(err.value).startswith("attention.method: moc (layer 0) cannot carry context") and "\n" not in str(err.value)
+def test_block_mode_refuses_what_cannot_carry(models, model_cache):
+    sana_cp = ["model=tiny-sana", "attention=linear", "parallel.degree=2"]
+    for extra, key in ((["attention=moc"], "attention.method"), (sana_cp, "parallel.degree")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [*SMALL, *extra])
+        assert str(err.value).startswith(f"{key}: sampling.mode=block on") and "\n" not in str(err.value)
+    # the same rule where a state is made (adapters built for joint mode, then asked to carry)
     joint = make_cfg(model_cache, "wan", "attention=moc", "sampling.mode=joint")
+    adapter = WanAdapter(copy.deepcopy(models["wan"][0].transformer), joint.attention)
     assert not CarriedState.new(adapter, joint.sampling).carries
+    with pytest.raises(ValueError) as err:
+        CarriedState.new(adapter, make_cfg(model_cache, "wan").sampling)
+    message = str(err.value)
+    assert message.startswith("attention.method: moc (layer 0) cannot carry context") and "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------------

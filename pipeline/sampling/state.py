@@ -163,7 +163,8 @@ class CarriedState(Sequence):
     def _load_attention(self, layer: int, parts: dict[str, torch.Tensor]) -> None:
         slot = self.attention[layer]
         if slot is None:
-            raise ValueError(f"CarriedState: layer {layer}'s attention keeps no state, but the state has {sorted(parts)}")
+            raise ValueError(f"CarriedState: layer {layer}'s attention keeps no state, but the state has "
+                             f"{sorted(parts)}")
         if self.kinds[layer] == "linear" and set(parts) == {"linear.S", "linear.z"}:
             slot.value = LinearState.from_state_dict({"S": parts["linear.S"], "z": parts["linear.z"]})
             return
@@ -171,8 +172,8 @@ class CarriedState(Sequence):
             raise ValueError(f"CarriedState: layer {layer}: {sorted(parts)} is not a state this layer carries")
         sink, window = int(parts["kv.sink_frames"]), int(parts["kv.window_frames"])
         if (sink, window) != (self.sink_frames, self.window_frames):
-            raise ValueError(f"sampling.window_frames: the carried cache has sink_frames={sink}, window_frames={window}, "
-                             f"this video {self.sink_frames}, {self.window_frames}")
+            raise ValueError(f"sampling.window_frames: the carried cache has sink_frames={sink}, "
+                             f"window_frames={window}, this video {self.sink_frames}, {self.window_frames}")
         k, v = parts.get("kv.k"), parts.get("kv.v")
         slot.value = RollingKVCache(sink, window, parts["kv.frames"].cpu().to(torch.int64), k, v)
 
