@@ -51,6 +51,8 @@ def parse(argv=None):
     p.add_argument("--sizes", default="", help="comma-separated size names (default: all of the grid set)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per config, at the smallest size only")
+    p.add_argument("--chunks", type=int, default=0,
+                   help="Ulysses head sub-groups per rank whose all-to-alls overlap attention (0: 2 on GPU, 1 on CPU)")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' Ulysses CP (the peer)")
     p.add_argument("--timeout-s", type=float, default=1800.0)
     return p.parse_args(argv)
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         adapter = WanAdapter(transformer, attention_cfg(method))  # sets its processors on the shared weights
         runs = [(1, ParallelContext.single(device))] + ([(world, ctx)] if world > 1 else [])
         for p, group in runs:
-            model = parallelize(adapter, group) if p > 1 else adapter
+            model = parallelize(adapter, group, chunks=args.chunks or None) if p > 1 else adapter
             for i, size in enumerate(sizes):
                 latents, t, text, layout = inputs(grids[size], arch, device, dtype)
                 states = adapter.new_states()

@@ -5,11 +5,13 @@ block-causal shards that cut a block, and a rank that holds only pad are all exe
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
@@ -67,7 +69,9 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 # --- per-rank checks (run inside spawned ranks) ------------------------------------------------------
 def check_ulysses_methods(ctx: ParallelContext) -> None:
-    """dense, moc, lite (3 steps, its skip state per rank) and linear (all-gathered rope) under Ulysses."""
+    """Every softmax method (and linear, with all-gathered rope) under Ulysses, with one exchange per
+    rank's heads and with two head sub-groups whose exchanges overlap attention; lite over 3 steps
+    with its skip state per rank; the ranks' pair counts add up to one rank's."""
     plan = plan_for(LAYOUT, ctx.world, by_frames=False)
     cases = {
         "dense": dict(),
@@ -83,10 +87,11 @@ def check_ulysses_methods(ctx: ParallelContext) -> None:
     g = torch.Generator().manual_seed(11)
     routing = Routing(torch.randint(0, 3, (B, LAYOUT.num_tokens), generator=g),
                       torch.rand(B, LAYOUT.num_tokens, generator=g), 3)
-    for name, section in cases.items():
-        one, many = method(name, **section), UlyssesAttention(method(name, **section), ctx)
+    for (name, section), chunks in itertools.product(cases.items(), (1, 2)):
+        one, many = method(name, **section), UlyssesAttention(method(name, **section), ctx, chunks)
         slot_one, slot_many = StateSlot(), StateSlot()
         for step in range(3 if name == "lite" else 1):
+            what = f"{name} step {step} P={ctx.world} chunks={chunks}"
             q, k, v = qkv(LAYOUT.num_tokens, seed=step)
             routed = routing if one.needs_routing else None
             meta = AttentionMeta(LAYOUT, step=step, rope=full_rope, state=slot_one, routing=routed)
@@ -96,7 +101,11 @@ def check_ulysses_methods(ctx: ParallelContext) -> None:
                                                        shard(routed.gate, plan, ctx.rank), 3))
             got = many(*(shard(t, plan, ctx.rank) for t in (q, k, v)), local)
             assert got.shape == (B, plan.local_len, H, D)
-            assert_close(gather(got, plan, ctx), want, f"{name} step {step} P={ctx.world}")
+            assert_close(gather(got, plan, ctx), want, what)
+            if "pairs" in meta.stats:
+                pairs = torch.tensor([local.stats["pairs"]], dtype=torch.float64)
+                dist.all_reduce(pairs, group=ctx.group)
+                assert pairs.item() == meta.stats["pairs"], what
             if name == "lite" and step > 0:
                 assert local.stats["density"] < 1.0  # skips in force, on this rank's heads
                 skip_heads = slot_one.value.skip[:, ctx.rank * H // ctx.world:(ctx.rank + 1) * H // ctx.world]

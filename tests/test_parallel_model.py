@@ -90,7 +90,7 @@ def compare(ctx: ParallelContext, family: str, method: str, section: dict, calls
     """Each meta of `calls` in turn (steps of a video, or blocks with a carried state) on one rank and
     on the group, with the same per-layer state slots carried across the calls on each side."""
     one = build(family, method, section, cfg)
-    many = parallelize(copy.deepcopy(one), ctx)
+    many = parallelize(copy.deepcopy(one), ctx, chunks=2)  # 2 head sub-groups where P leaves 2 heads a rank
     states_one, states_many = one.new_states(), many.new_states()
     for i, meta in enumerate(calls):
         latents, t, text, mask = inputs(family, meta.layout, seed=i)

@@ -34,13 +34,16 @@ from pipeline.parallel.state import StateParallelAttention
 from pipeline.parallel.ulysses import UlyssesAttention, check_heads
 
 _WRAPPERS = (UlyssesAttention, StateParallelAttention, RingAttention)
+OVERLAP_CHUNKS = 2  # on CUDA: the all-to-alls of one half of a rank's heads run under the other's attention
 # Per-token fields of Tokens and their sequence dim (the adapter declares them as Tokens.SEQUENCE_DIMS).
 SEQUENCE_DIMS: dict[str, int] = getattr(Tokens, "SEQUENCE_DIMS", {"hidden": 1, "rope": 1, "shot": 0})
 
 
-def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ring: bool = False):
+def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ring: bool = False,
+                       chunks: int = 1):
     """`fn` (a registry method) wrapped for context parallelism: the state strategy for linear attention,
-    Ulysses when the heads divide over the ranks, else ring attention for dense layers if `ring`."""
+    Ulysses when the heads divide over the ranks (`chunks`: see UlyssesAttention), else ring attention
+    for dense layers if `ring`."""
     if ctx.world == 1 or isinstance(fn, _WRAPPERS):
         return fn
     if fn.cp_strategy == "state":
@@ -48,19 +51,20 @@ def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ri
     if heads % ctx.world and ring and fn.name == "dense":
         return RingAttention(fn, ctx)
     check_heads(heads, ctx.world)
-    return UlyssesAttention(fn, ctx)
+    return UlyssesAttention(fn, ctx, chunks)
 
 
 class ParallelDiT:
     """A DiTAdapter whose blocks run on this rank's shard of the sequence (see the module docstring)."""
 
-    def __init__(self, adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False):
+    def __init__(self, adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False, chunks: int | None = None):
         self.adapter, self.ctx = adapter, ctx
+        chunks = chunks or (OVERLAP_CHUNKS if ctx.device.type == "cuda" else 1)
         self.by_frames = adapter.family == "sana"
         self.plan: ShardPlan | None = None  # the cut of the forward in progress (read by the halo convs)
         if ctx.world == 1:
             return
-        wrapped = [parallel_attention(fn, ctx, self.by_frames, adapter.heads, ring) for fn in adapter.attention]
+        wrapped = [parallel_attention(fn, ctx, self.by_frames, adapter.heads, ring, chunks) for fn in adapter.attention]
         for layer, fn in enumerate(wrapped):
             adapter.set_attention(layer, fn)
         if getattr(adapter, "fit_router", None) is not None and not hasattr(adapter.fit_router, "whole_sequence"):
@@ -147,7 +151,9 @@ class ParallelDiT:
         return self.adapter.new_states()
 
 
-def parallelize(adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False) -> ParallelDiT:
+def parallelize(adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False,
+                chunks: int | None = None) -> ParallelDiT:
     """Apply context parallelism over `ctx` to `adapter` (see the module docstring). `ring`
-    (parallel.ring): dense layers use ring attention when the ranks do not divide the heads."""
-    return ParallelDiT(adapter, ctx, ring)
+    (parallel.ring): dense layers use ring attention when the ranks do not divide the heads.
+    `chunks`: head sub-groups per rank whose all-to-alls overlap attention (None: 2 on CUDA, else 1)."""
+    return ParallelDiT(adapter, ctx, ring, chunks)

@@ -6,6 +6,10 @@ sequence for this rank's H / P heads. The pad is stripped, the method runs uncha
 layout (MoC chunks, STGA windows, lite's skip tiles all see every token for their heads), the
 output is re-padded and one all-to-all brings it back to (B, L, H, D).
 
+Overlap (chunks > 1, stateless methods): this rank's heads are split into sub-groups, each with
+its own pair of exchanges; all inputs are sent at once, and each sub-group's output is sent while
+the next one attends, so on GPU the all-to-alls run on NCCL's stream under the attention kernels.
+
 MoGA routing is per token and shared by all heads, so it is computed before the exchange on the
 local tokens (meta.routing holds (B, L) groups and gates) and all-gathered here (one float pair per
 token): every rank then sorts the full sequence identically. Stateful methods (lite) keep their
@@ -32,31 +36,57 @@ def check_heads(heads: int, world: int) -> None:
                          f"heads over ranks; use one of {divisors})")
 
 
-def seq_to_heads(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext) -> list[torch.Tensor]:
-    """One all-to-all for all `tensors`: each (B, L, H, D) token shard -> (B, P * L, H / P, D)."""
+class Exchange:
+    """An all-to-all in flight (asynchronous: NCCL runs it on its own stream, gloo on its thread);
+    result() waits for it and returns the exchanged tensors."""
+
+    def __init__(self, send: torch.Tensor, ctx: ParallelContext, unpack):
+        self.send, self.recv, self.unpack = send, torch.empty_like(send), unpack
+        self.work = dist.all_to_all_single(self.recv, send, group=ctx.group, async_op=True)
+
+    def result(self):
+        self.work.wait()
+        self.send = None
+        return self.unpack(self.recv)
+
+
+def seq_to_heads(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext, chunk: int = 0, chunks: int = 1) -> Exchange:
+    """One all-to-all for all `tensors`: each (B, L, H, D) token shard -> (B, P * L, H / P / chunks, D),
+    the whole sequence for sub-group `chunk` of this rank's H / P heads."""
     p = ctx.world
     b, n, h, d = tensors[0].shape
     check_heads(h, p)
-    send = torch.empty((p, len(tensors), b, n, h // p, d), dtype=tensors[0].dtype, device=tensors[0].device)
-    for i, t in enumerate(tensors):
-        send[:, i] = t.reshape(b, n, p, h // p, d).permute(2, 0, 1, 3, 4)  # head group j goes to rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=ctx.group)
-    del send
+    hc = h // p // chunks
+    send = torch.empty((p, len(tensors), b, n, hc, d), dtype=tensors[0].dtype, device=tensors[0].device)
+    for i, t in enumerate(tensors):  # head group j (its sub-group `chunk`) goes to rank j
+        send[:, i] = t.reshape(b, n, p, chunks, hc, d)[:, :, :, chunk].permute(2, 0, 1, 3, 4)
     # recv[j, i]: tensor i of rank j's tokens, for this rank's heads; rank order = sequence order
-    return [recv[:, i].transpose(0, 1).reshape(b, p * n, h // p, d) for i in range(len(tensors))]
+    return Exchange(send, ctx, lambda recv: [recv[:, i].transpose(0, 1).reshape(b, p * n, hc, d)
+                                             for i in range(len(tensors))])
 
 
-def heads_to_seq(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """The inverse exchange: (B, P * L, H / P, D) -> (B, L, H, D)."""
+def heads_to_seq(x: torch.Tensor, ctx: ParallelContext) -> Exchange:
+    """The inverse exchange: (B, P * L, Hc, D) -> (P, B, L, Hc, D), [j] = rank j's heads (see merge_heads)."""
     p = ctx.world
-    b, total, hp, d = x.shape
-    n = total // p
-    send = x.reshape(b, p, n, hp, d).transpose(0, 1).contiguous()  # (P, B, L, H/P, D): tokens of rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=ctx.group)
-    del send
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, n, p * hp, d)  # heads of rank j at head group j
+    b, total, hc, d = x.shape
+    send = x.reshape(b, p, total // p, hc, d).transpose(0, 1).contiguous()  # (P, B, L, Hc, D): tokens of rank j
+    return Exchange(send, ctx, lambda recv: recv)
+
+
+def merge_heads(parts: list[torch.Tensor]) -> torch.Tensor:
+    """heads_to_seq results of chunks 0..c-1, each (P, B, L, Hc, D) -> (B, L, H, D), head order
+    (rank j, chunk c, head within the chunk) = the original head order."""
+    p, b, n, hc, d = parts[0].shape
+    if len(parts) == 1:
+        return parts[0].permute(1, 2, 0, 3, 4).reshape(b, n, p * hc, d)
+    return torch.stack(parts, 3).permute(1, 2, 0, 3, 4, 5).reshape(b, n, p * len(parts) * hc, d)
+
+
+def merge_stats(target: dict[str, float], parts: list[dict[str, float]]) -> None:
+    """Per-chunk stats of one call -> one: pair counts add up, ratios (equal heads per chunk) average."""
+    for key in parts[0]:
+        values = [part[key] for part in parts]
+        target[key] = sum(values) if key == "pairs" else sum(values) / len(values)
 
 
 def gather_routing(routing: Routing, ctx: ParallelContext, num_tokens: int) -> Routing:
@@ -71,11 +101,13 @@ class UlyssesAttention:
     """`method` over a context-parallel group: the same forward(q, k, v, meta) -> o contract, with q, k, v
     and o this rank's token shard (B, L, H, D) and meta describing the whole (unpadded) sequence."""
 
-    def __init__(self, method: AttentionMethod, ctx: ParallelContext):
+    def __init__(self, method: AttentionMethod, ctx: ParallelContext, chunks: int = 1):
+        """`chunks` > 1 splits this rank's heads into that many sub-groups, each with its own exchanges,
+        so that the exchanges of one overlap the attention of another (stateless methods only)."""
         if not method.supports_context_parallel:
             raise ValueError(f"attention.method: {method.name} does not support context parallelism")
-        self.method, self.ctx = method, ctx
-        self.name = method.name
+        self.method, self.ctx, self.chunks = method, ctx, chunks
+        self.name, self.cp_strategy = method.name, method.cp_strategy
         self.needs_routing, self.applies_rope, self.has_state = method.needs_routing, method.applies_rope, method.has_state
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
@@ -83,9 +115,19 @@ class UlyssesAttention:
         ctx, num_tokens = self.ctx, meta.layout.num_tokens
         check_heads(h, ctx.world)
         plan_of_shard(meta.layout, ctx.world, n_local)  # refuses a shard that is not a cut of the layout
-        q, k, v = (t[:, :num_tokens] for t in seq_to_heads((q, k, v), ctx))  # (B, N, H/P, D) each
-        o = self.method(q, k, v, self._full_meta(meta, n_local))  # (B, N, H/P, D)
-        return heads_to_seq(pad_to(o, n_local * ctx.world, 1), ctx)  # (B, L, H, D)
+        chunks = self.chunks if not self.has_state and (h // ctx.world) % self.chunks == 0 else 1
+        incoming = [seq_to_heads((q, k, v), ctx, c, chunks) for c in range(chunks)]  # all in flight at once
+        full = self._full_meta(meta, n_local)
+        outgoing, stats = [], []
+        for exchange in incoming:
+            qc, kc, vc = (t[:, :num_tokens] for t in exchange.result())  # (B, N, H/P/chunks, D) each
+            part = replace(full, stats={}) if chunks > 1 else full
+            o = self.method(qc, kc, vc, part)  # (B, N, H/P/chunks, D)
+            outgoing.append(heads_to_seq(pad_to(o, n_local * ctx.world, 1), ctx))
+            stats.append(part.stats)
+        if chunks > 1:
+            merge_stats(meta.stats, stats)
+        return merge_heads([exchange.result() for exchange in outgoing])  # (B, L, H, D)
 
     def _full_meta(self, meta: AttentionMeta, n_local: int) -> AttentionMeta:
         """meta for the whole sequence: gathered routing and rope (stats and state slot are shared)."""
