@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.attention.backends import select_backend
+from pipeline.attention.backends.rows import _as_words, put_rows, take_rows
 from pipeline.attention.backends.segments import choose_path, segment_attention
 from pipeline.attention.reference import reference_attention
 
@@ -86,6 +87,41 @@ def test_segments_gradients_equal_reference(with_lse):
     got, want = loss_of(ours), loss_of(lambda q, k, v: reference(q, k, v, counts))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["per_segment", "batched"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_out_scale_multiplies_each_row(path, per_head):
+    """The gate fused into the packing equals o * scale (in o's dtype), on every path, and under autograd."""
+    counts = [6, 6, 6] if path == "batched" else [6, 0, 9, 2]
+    q, k, v = packed(counts, torch.bfloat16)
+    t = sum(counts)
+    scale = torch.rand(t, H) if per_head else torch.rand(t)
+    want = segment_attention(q, k, v, cu(counts), path=path) * scale.to(q.dtype).reshape(t, -1, 1)
+    got = segment_attention(q, k, v, cu(counts), path=path, out_scale=scale)
+    assert torch.equal(got, want)
+    leaf = scale.clone().requires_grad_(True)
+    o = segment_attention(q.float(), k.float(), v.float(), cu(counts), path=path, out_scale=leaf)
+    o.sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype, shape", [(torch.bfloat16, (7, 3, 8)), (torch.float32, (7, 2, 2)),
+                                          (torch.bfloat16, (7, 3)), (torch.float16, (7, 1, 3))])
+def test_row_moves_are_bit_exact(dtype, shape):
+    """take_rows / put_rows equal index_select / index_copy_ (8-byte words when rows allow, else plain)."""
+    x = torch.randn(*shape).to(dtype)
+    assert (_as_words(x) is not None) == (x[0].numel() * x.element_size() % 8 == 0)
+    index = torch.tensor([4, 0, 6, 6, 2])
+    assert torch.equal(take_rows(x, index), x.index_select(0, index))
+    tail = torch.tensor([3, 0, 5])
+    assert torch.equal(take_rows(x[1:], tail), x[1:].index_select(0, tail))  # a slice: storage offset
+    perm = torch.randperm(shape[0])
+    out = torch.zeros_like(x)
+    assert torch.equal(put_rows(out, perm, x), torch.zeros_like(x).index_copy_(0, perm, x))
+    leaf = x.float().requires_grad_(True)
+    take_rows(leaf, index).sum().backward()  # under autograd: the plain op and its backward
+    assert torch.equal(leaf.grad, torch.zeros_like(leaf).index_add_(0, index, torch.ones(5, *shape[1:])))
 
 
 def test_path_rule():

@@ -11,9 +11,11 @@ perfectly balanced routing, up to alpha * M when it collapses) is returned for t
 
 Execution (the groups of the FULL sequence the call attends over, batch rows kept apart):
 stable sort of the tokens by (batch row, group) -> cu_seqlens (an empty group is a zero-length
-segment) -> one index_select per tensor -> the backend's segments primitive (one cuDNN call per
-large group, varlen for many small ones) -> inverse permutation -> gate. One .tolist() of the group
-sizes per call, no per-group synchronisation.
+segment) -> one row gather per tensor (rows moved as 8-byte words, backends/rows.py) -> the
+backend's segments primitive (one cuDNN call per large group, varlen for many small ones), which
+multiplies by the gate while it packs the groups' outputs -> inverse permutation. One .tolist() of
+the group sizes per call, no per-group synchronisation. Memory traffic beyond the kernels: three
+gathers and two passes over o (pack with the gate, unpermute).
 
 Training-free use: kmeans_init sets the router's rows to spherical k-means centroids of a
 layer's hidden states (the adapter does it on a video's first step and then keeps the router
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.attention.backends.rows import take_rows
 from pipeline.attention.backends.segments import cu_seqlens_from_counts
 from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing
 
@@ -105,12 +108,12 @@ class Permutation:
         return cls(order, inverse, count_t.tolist(), cu_seqlens_from_counts(count_t))
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, H, D) -> (B * N, H, D) in segment order (one index_select)."""
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.order)
+        """(B, N, ...) -> (B * N, ...) in segment order (one row gather)."""
+        return take_rows(x.reshape(-1, *x.shape[2:]), self.order)
 
     def scatter(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """(B * N, H, D) in segment order -> `shape` (B, N, H, D) in sequence order."""
-        return x.index_select(0, self.inverse).view(shape)
+        """(B * N, ...) in segment order -> `shape` (B, N, ...) in sequence order."""
+        return take_rows(x, self.inverse).view(shape)
 
     def pairs(self) -> int:
         return sum(c * c for c in self.counts)
@@ -146,9 +149,10 @@ class MoGAAttention(AttentionMethod):
         routing = check_routing(meta, q.shape, self.name)
         b, n, h, _ = q.shape
         perm = Permutation.by_segment(group_segments(routing), b * routing.num_groups)
+        gate = routing.gate.reshape(-1).index_select(0, perm.order)  # (B * N,) in group order
         o = self.backend.segments(perm.gather(q), perm.gather(k), perm.gather(v), perm.cu_seqlens,
-                                  counts=perm.counts)  # (B * N, H, D) grouped
+                                  counts=perm.counts, out_scale=gate)  # (B * N, H, D) grouped, gated
         pairs = perm.pairs() * h
         meta.stats.update(pairs=float(pairs), density=pairs / (b * h * n * n),
                           largest_group=max(perm.counts) / n)
-        return gated(perm.scatter(o, q.shape), routing.gate)  # (B, N, H, D)
+        return perm.scatter(o, q.shape)  # (B, N, H, D)

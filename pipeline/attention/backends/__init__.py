@@ -39,11 +39,12 @@ class AttentionBackend:
 
     def segments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  return_lse: bool = False, counts: Sequence[int] | None = None, scale: float | None = None,
-                 path: str = "auto"):
+                 path: str = "auto", out_scale: torch.Tensor | None = None):
         """Attention inside each segment of a packed sequence (varlen): q, k, v (T, H, D), cu_seqlens
-        (S + 1,) int32 -> o (T, H, D) [, lse (H, T) fp32]. Kernel rule: backends/segments.py."""
+        (S + 1,) int32 -> o (T, H, D) [, lse (H, T) fp32]; out_scale (T,) or (T, H) multiplies o
+        (fused into the packing where it can be). Kernel rule: backends/segments.py."""
         return segment_attention(q, k, v, cu_seqlens, scale, return_lse, counts, path, self.segment_min_tokens,
-                                 self.sdpa_order)
+                                 self.sdpa_order, out_scale)
 
 
 def select_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> AttentionBackend:

@@ -81,23 +81,27 @@ def choose_path(counts: Sequence[int], device: torch.device, dtype: torch.dtype,
 # ---------------------------------------------------------------------------------------------
 
 
-def dense_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward-only attention with its lse: q (B, H, Nq, D), k/v (B, H, Nk, D) -> o (B, H, Nq, D),
-    lse (B, H, Nq) fp32. CUDA: cuDNN, else flash (half precision) or memory-efficient (fp32); CPU:
-    the CPU flash kernel. These ops do not differentiate lse (see _SegmentsWithLse)."""
+    lse (B, H, Nq) fp32. bias: an additive (B or 1, H or 1, Nq, Nk) term on the scaled logits, in
+    q's dtype. CUDA: cuDNN, else flash (half precision, no bias) or memory-efficient (fp32, or a
+    bias cuDNN refuses); CPU: the CPU flash kernel. These ops do not differentiate lse (see
+    _SegmentsWithLse)."""
     n = q.shape[2]
     if q.device.type == "cuda":
+        out = None
         if q.dtype in (torch.float16, torch.bfloat16):
             try:
-                out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False,
                                                                          scale=scale)
-            except RuntimeError:  # a shape or build cuDNN refuses: the flash kernel takes it
-                out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-        else:
-            out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)
+            except RuntimeError:  # a shape, bias or build cuDNN refuses: flash or memory-efficient take it
+                if bias is None:
+                    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        if out is None:
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)
     else:
-        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
     o, lse = out[0], out[1]
     return o, lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :n].float()
 
@@ -129,8 +133,12 @@ def _batched(q, k, v, counts, scale, return_lse, sdpa_order):
     return _sdpa(qb, kb, vb, scale, sdpa_order).transpose(1, 2).reshape(t, h, d), None
 
 
-def _per_segment(q, k, v, counts, scale, return_lse, sdpa_order):
+def _per_segment(q, k, v, counts, scale, return_lse, sdpa_order, out_scale=None):
+    """One dense call per non-empty segment. out_scale (T, 1 or H, 1) in q's dtype: multiplies o while
+    the segments' outputs are packed (the packing is a copy anyway, so the product costs no pass)."""
+    t, h, d = q.shape
     outs, lses, start = [], [], 0
+    packed = None if out_scale is None else q.new_empty(t, h, d)
     for n in counts:
         if n == 0:
             continue
@@ -140,11 +148,18 @@ def _per_segment(q, k, v, counts, scale, return_lse, sdpa_order):
             lses.append(lse[0])  # (H, n)
         else:
             o = _sdpa(qs, ks, vs, scale, sdpa_order)
-        outs.append(o[0].transpose(0, 1))  # (n, H, D)
+        o = o[0].transpose(0, 1)  # (n, H, D)
+        if packed is not None:
+            torch.mul(o, out_scale[start:start + n], out=packed[start:start + n])
+        else:
+            outs.append(o)
         start += n
-    if not outs:
+    if start == 0:
         return _empty(q, return_lse)
-    o = torch.cat(outs, 0) if len(outs) > 1 else outs[0].contiguous()
+    if packed is not None:
+        o = packed
+    else:
+        o = torch.cat(outs, 0) if len(outs) > 1 else outs[0].contiguous()
     return o, (torch.cat(lses, 1) if return_lse else None)
 
 
@@ -170,11 +185,13 @@ def _varlen(q, k, v, cu, counts, scale, return_lse):
     return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale), None
 
 
-def _forward(q, k, v, cu, counts, scale, return_lse, path, sdpa_order):
+def _forward(q, k, v, cu, counts, scale, return_lse, path, sdpa_order, out_scale=None):
+    """(o, lse or None). out_scale is applied here only on the per-segment path (fused into the
+    packing); the caller applies it for the other paths."""
     if path == "batched":
         return _batched(q, k, v, counts, scale, return_lse, sdpa_order)
     if path == "per_segment":
-        return _per_segment(q, k, v, counts, scale, return_lse, sdpa_order)
+        return _per_segment(q, k, v, counts, scale, return_lse, sdpa_order, out_scale)
     if path == "varlen":
         return _varlen(q, k, v, cu, counts, scale, return_lse)
     raise ValueError(f"segments: unknown path {path!r} (known: {', '.join(PATHS)})")
@@ -243,11 +260,13 @@ class _SegmentsWithLse(torch.autograd.Function):
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       scale: float | None = None, return_lse: bool = False, counts: Sequence[int] | None = None,
                       path: str = "auto", min_tokens: int = DEFAULT_MIN_TOKENS,
-                      sdpa_order: Sequence[SDPBackend] = (SDPBackend.MATH,)):
+                      sdpa_order: Sequence[SDPBackend] = (SDPBackend.MATH,), out_scale: torch.Tensor | None = None):
     """Attention inside each segment. q, k, v (T, H, D); cu_seqlens (S + 1,) int32 with
     cu_seqlens[-1] == T. counts: the S lengths as Python ints when the caller has them (else one
-    .tolist() here). Returns o (T, H, D), and lse (H, T) fp32 with return_lse (always finite: every
-    query sees at least itself)."""
+    .tolist() here). out_scale (T,) or (T, H): o is multiplied by it (in o's dtype, broadcast over D;
+    MoGA's gate), fused into the packing of the per-segment path; lse is that of the unscaled o.
+    Returns o (T, H, D), and lse (H, T) fp32 with return_lse (always finite: every query sees at
+    least itself)."""
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"segments: q, k, v must be equal (T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -258,7 +277,15 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if path == "auto":
         path = choose_path(counts, q.device, q.dtype, needs_grad, min_tokens)
+    if out_scale is not None:
+        out_scale = out_scale.to(q.dtype).reshape(q.shape[0], -1, 1)  # (T, 1 or H, 1)
+    fused = out_scale is not None and path == "per_segment" and not (
+        needs_grad or (torch.is_grad_enabled() and out_scale.requires_grad))
     if return_lse and needs_grad:
-        return _SegmentsWithLse.apply(q, k, v, cu_seqlens, counts, scale, path, tuple(sdpa_order))
-    o, lse = _forward(q, k, v, cu_seqlens, counts, scale, return_lse, path, sdpa_order)
+        o, lse = _SegmentsWithLse.apply(q, k, v, cu_seqlens, counts, scale, path, tuple(sdpa_order))
+    else:
+        o, lse = _forward(q, k, v, cu_seqlens, counts, scale, return_lse, path, sdpa_order,
+                          out_scale if fused else None)
+    if out_scale is not None and not fused:
+        o = o * out_scale
     return (o, lse) if return_lse else o
