@@ -106,10 +106,39 @@ def check_ulysses_methods(ctx: ParallelContext) -> None:
                 pairs = torch.tensor([local.stats["pairs"]], dtype=torch.float64)
                 dist.all_reduce(pairs, group=ctx.group)
                 assert pairs.item() == meta.stats["pairs"], what
+            if name == "lite" and chunks == 2 and ctx.world == 2:
+                assert many.records_state  # found at step 0: lite writes its slot on every full step
             if name == "lite" and step > 0:
                 assert local.stats["density"] < 1.0  # skips in force, on this rank's heads
                 skip_heads = slot_one.value.skip[:, ctx.rank * H // ctx.world:(ctx.rank + 1) * H // ctx.world]
                 assert torch.equal(slot_many.value.skip, skip_heads)
+
+
+def check_rolling_cache(ctx: ParallelContext) -> None:
+    """Wan's dense layers carry a rolling KV cache in block mode (pipeline.models.carry): under Ulysses
+    each rank caches its own heads. Joint calls (empty slot, no commit) still split into overlapping
+    head sub-groups; a commit and the next block's call (reading the cache) use one exchange."""
+    from pipeline.models.carry import RollingCacheAttention, RollingKVCache
+
+    first = replace(LAYOUT, shot_frames=(5,), block_frames=(5,))
+    later = replace(first, frame_offset=5)
+    one = RollingCacheAttention(method("dense"))
+    many = UlyssesAttention(RollingCacheAttention(method("dense")), ctx, chunks=2)
+    slot_one, slot_many = StateSlot(), StateSlot()
+    for call, (layout, slot_value, commit) in enumerate([(first, None, False), (first, "cache", True),
+                                                         (later, "cache", False)]):
+        if slot_value and slot_one.value is None:
+            slot_one.value, slot_many.value = RollingKVCache.empty(1, 2), RollingKVCache.empty(1, 2)
+        plan = plan_for(layout, ctx.world, by_frames=False)
+        q, k, v = qkv(layout.num_tokens, seed=30 + call)
+        want = one(q, k, v, AttentionMeta(layout, state=slot_one, commit=commit))
+        local = AttentionMeta(layout, state=slot_many, commit=commit)
+        got = many(*(shard(t, plan, ctx.rank) for t in (q, k, v)), local)
+        assert_close(gather(got, plan, ctx), want, f"rolling cache call {call} P={ctx.world}")
+    assert not many.records_state  # the joint call was split: the method left its slot alone
+    heads = slice(ctx.rank * H // ctx.world, (ctx.rank + 1) * H // ctx.world)
+    assert torch.equal(slot_many.value.k, slot_one.value.k[:, :, heads])
+    assert torch.equal(slot_many.value.frames, slot_one.value.frames)
 
 
 def check_routing_gather(ctx: ParallelContext) -> None:
@@ -169,6 +198,7 @@ def check_head_error(ctx: ParallelContext) -> None:
 def all_checks(ctx: ParallelContext) -> None:
     check_ulysses_methods(ctx)
     check_routing_gather(ctx)
+    check_rolling_cache(ctx)
     check_linear_state(ctx, by_frames=False)
     check_linear_state(ctx, by_frames=True)
     check_ring(ctx)

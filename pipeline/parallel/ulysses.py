@@ -6,7 +6,7 @@ sequence for this rank's H / P heads. The pad is stripped, the method runs uncha
 layout (MoC chunks, STGA windows, lite's skip tiles all see every token for their heads), the
 output is re-padded and one all-to-all brings it back to (B, L, H, D).
 
-Overlap (chunks > 1, stateless methods): this rank's heads are split into sub-groups, each with
+Overlap (chunks > 1, calls that neither read nor write state): this rank's heads are split into sub-groups, each with
 its own pair of exchanges; all inputs are sent at once, and each sub-group's output is sent while
 the next one attends, so on GPU the all-to-alls run on NCCL's stream under the attention kernels.
 
@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing
+from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing, StateSlot
 from pipeline.parallel.groups import ParallelContext
 from pipeline.parallel.shard import all_gather_seq, pad_to, plan_of_shard
 
@@ -103,10 +103,11 @@ class UlyssesAttention:
 
     def __init__(self, method: AttentionMethod, ctx: ParallelContext, chunks: int = 1):
         """`chunks` > 1 splits this rank's heads into that many sub-groups, each with its own exchanges,
-        so that the exchanges of one overlap the attention of another (stateless methods only)."""
+        so that the exchanges of one overlap the attention of another (calls without state, see _chunks)."""
         if not method.supports_context_parallel:
             raise ValueError(f"attention.method: {method.name} does not support context parallelism")
         self.method, self.ctx, self.chunks = method, ctx, chunks
+        self.records_state = False  # learnt: the method writes its slot even without a commit (lite)
         self.name, self.cp_strategy = method.name, method.cp_strategy
         self.needs_routing, self.applies_rope, self.has_state = method.needs_routing, method.applies_rope, method.has_state
 
@@ -115,19 +116,41 @@ class UlyssesAttention:
         ctx, num_tokens = self.ctx, meta.layout.num_tokens
         check_heads(h, ctx.world)
         plan_of_shard(meta.layout, ctx.world, n_local)  # refuses a shard that is not a cut of the layout
-        chunks = self.chunks if not self.has_state and (h // ctx.world) % self.chunks == 0 else 1
+        chunks = self._chunks(h, meta)
         incoming = [seq_to_heads((q, k, v), ctx, c, chunks) for c in range(chunks)]  # all in flight at once
         full = self._full_meta(meta, n_local)
         outgoing, stats = [], []
-        for exchange in incoming:
-            qc, kc, vc = (t[:, :num_tokens] for t in exchange.result())  # (B, N, H/P/chunks, D) each
-            part = replace(full, stats={}) if chunks > 1 else full
-            o = self.method(qc, kc, vc, part)  # (B, N, H/P/chunks, D)
+        for c, exchange in enumerate(incoming):
+            qkv = [t[:, :num_tokens] for t in exchange.result()]  # q, k, v (B, N, H/P/chunks, D)
+            # A stateful method with an empty slot and no commit computes as if stateless, unless it
+            # records state on any call (lite): each chunk gets a private slot to find that out.
+            part = replace(full, stats={}, state=StateSlot() if self.has_state else full.state) if chunks > 1 else full
+            o = self.method(*qkv, part)  # (B, N, H/P/chunks, D)
+            if chunks > 1 and self.has_state and part.state.value is not None:
+                self.records_state = True  # from now on one exchange; this call: all heads at once, real slot
+                rest = [[t[:, :num_tokens] for t in later.result()] for later in incoming[c + 1:]]
+                done = [[t[:, :num_tokens] for t in e.result()] for e in incoming[:c]]  # already-used inputs
+                qkv = [torch.cat([x[i] for x in done + [qkv] + rest], 2) for i in range(3)]  # (B, N, H/P, D)
+                for e in outgoing:
+                    e.result()  # drain: every rank takes this branch at the same chunk
+                o = self.method(*qkv, full)
+                return merge_heads([heads_to_seq(pad_to(o, n_local * ctx.world, 1), ctx).result()])
             outgoing.append(heads_to_seq(pad_to(o, n_local * ctx.world, 1), ctx))
             stats.append(part.stats)
         if chunks > 1:
             merge_stats(meta.stats, stats)
         return merge_heads([exchange.result() for exchange in outgoing])  # (B, L, H, D)
+
+    def _chunks(self, heads: int, meta: AttentionMeta) -> int:
+        """Head sub-groups for this call: self.chunks where they divide this rank's heads and the call
+        neither reads nor writes state (a stateful method: an empty slot, no commit, and it has not
+        been seen to record state on such calls), else 1."""
+        if self.chunks == 1 or (heads // self.ctx.world) % self.chunks:
+            return 1
+        if self.has_state and (self.records_state or meta.commit
+                               or (meta.state is not None and meta.state.value is not None)):
+            return 1
+        return self.chunks
 
     def _full_meta(self, meta: AttentionMeta, n_local: int) -> AttentionMeta:
         """meta for the whole sequence: gathered routing and rope (stats and state slot are shared)."""
