@@ -149,6 +149,30 @@ def test_moga_stga_equals_reference_with_independent_masks(layout, window, merge
     torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bias_bytes", [1 << 31, 4 * 12 * 16 * 2])  # one dense call; one window per call
+def test_moga_stga_bias_route_equals_reference(monkeypatch, bias_bytes):
+    """The "bias" route (window branch over W \\ G, no cells), forced on the CPU: equal windows, B = 2,
+    one window whose every token is in the query's group (W \\ G empty for those rows)."""
+    import pipeline.attention.moga_stga as moga_stga
+
+    monkeypatch.setattr(moga_stga, "union_route", lambda *args: "bias")
+    monkeypatch.setattr(moga_stga, "BIAS_BYTES", bias_bytes)
+    layout, window = VideoLayout(4, 4, 6), (1, 4, 6)  # whole-frame windows of 24 tokens
+    n = layout.num_tokens
+    groups = torch.randint(0, 3, (2, n))
+    groups[0, 24:48] = 2  # frame 1 of row 0: its window lies inside one group
+    gate = torch.rand(2, n)
+    q, k, v = (3.0 * torch.randn(2, n, H, D) for _ in range(3))
+    meta = AttentionMeta(layout=layout, routing=Routing(groups, gate, 4))
+    o = moga_stga_method("lse", window)(q, k, v, meta)
+    keys = window_of_tokens(layout, window)
+    same_window = torch.tensor([[ki == kj for kj in keys] for ki in keys])[None, None]
+    union = group_mask(groups) | same_window
+    torch.testing.assert_close(o, reference_attention(q, k, v, union) * gate[:, :, None, None], atol=1e-5, rtol=1e-5)
+    assert meta.stats["pairs"] == union.sum().item() * H
+    assert meta.stats["kernel_pairs"] == (group_mask(groups).sum() + 2 * same_window.sum()).item() * H  # no cells
+
+
 def test_moga_stga_lse_backward_matches_reference_and_reaches_the_router():
     layout, window, c = VideoLayout(3, 3, 4, shot_frames=(1, 2)), (2, 2, 2), 12
     n = layout.num_tokens
@@ -191,10 +215,12 @@ def test_moga_on_cuda_bf16_equals_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
 @pytest.mark.parametrize("window", [(1, 30, 52), (2, 8, 8)])
 def test_moga_stga_on_cuda_bf16_equals_reference(window):
-    """cuDNN groups, varlen cells, batched or varlen windows, all with lse, merged exactly."""
+    """(1, 30, 52): the bias route (cuDNN groups, one batched window call over W \\ G); (2, 8, 8): the
+    cells route (varlen cells and windows); all with lse, merged exactly."""
     layout = VideoLayout(4, 30, 52, shot_frames=(1, 3))
     n = layout.num_tokens
     groups = torch.randint(0, 5, (1, n), device="cuda")
+    groups[:, :30 * 52] = 2  # frame 0 inside one group: W \\ G is empty for its rows (bias route)
     gate = torch.rand(1, n, device="cuda")
     q, k, v = (torch.randn(1, n, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     method = moga_stga_method("lse", window, "cuda", torch.bfloat16)

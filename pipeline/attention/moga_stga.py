@@ -14,29 +14,70 @@ merged by log-sum-exp: with Z_S = sum_{j in S} exp(s_ij) and o_S the attention o
 
     o_union = (Z_G o_G + Z_{W\\G} o_{W\\G}) / (Z_G + Z_{W\\G}).
 
-W(i) \\ G(i) is not a segment (it is a window with the query's own cell cut out), so its sums come
-from two segment attentions that are: Z_{W\\G} o_{W\\G} = Z_W o_W - Z_C o_C with C(i) = W(i) ∩ G(i)
-the query's cell. All three branches (groups, windows, cells) are plain segment attentions returning
-lse, no masks: tokens are sorted once by (batch row, group, window), which makes both the groups and
-the cells contiguous segments of one gather; windows use STGA's batched fast path when it applies.
-Z_C <= Z_W and Z_C <= Z_G, so the combination never divides by less than the largest partial sum
-(no cancellation beyond the output dtype's rounding). Extra work over the union: the cells,
-sum_c n_c^2 <= sum_w n_w^2 (a few % of the pairs at 150k+ tokens).
+Two routes to the W \\ G term (union_route picks one; both exact):
+
+- "bias" (equal windows, no text, CUDA half precision, no autograd): the windows run as ONE batched
+  dense call (STGA's fast path) with an additive bias of -1e30 on the keys of the query's own group,
+  so the branch attends to W \\ G itself (exp of a biased logit is exactly 0 in fp32; a query whose
+  whole window is in its group gets lse ~ -1e30, i.e. weight 0). No cells, a plain two-way merge.
+- "cells" (everything else, and under autograd): W \\ G is not a segment, so its sums are taken as
+  those of W minus those of the cell C(i) = W(i) ∩ G(i): Z_{W\\G} o_{W\\G} = Z_W o_W - Z_C o_C. All
+  three branches (groups, windows, cells) are plain segment attentions returning lse; Z_C <= Z_W and
+  Z_C <= Z_G, so the combination never divides by less than the largest partial sum. Extra work:
+  the cells, sum_c n_c^2 <= sum_w n_w^2.
+
+Tokens are sorted once by (batch row, group, window): groups and cells are contiguous segments of
+one gather. The merge weights (with the gate folded in) are formed on the small (T, H) lse tensors;
+the big tensors see: o_G * w_G and the cell correction in group order, one unpermute, plus
+o_W * w_W in sequence order.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pipeline.attention.base import AttentionMeta, AttentionMethod
-from pipeline.attention.moga import Permutation, check_routing, gated, group_segments
-from pipeline.attention.stga import StgaWindows, window_attention, window_ids
+from pipeline.attention.backends.rows import take_rows
 from pipeline.attention.backends.segments import cu_seqlens_from_counts
+from pipeline.attention.base import AttentionMeta, AttentionMethod
+from pipeline.attention.moga import Permutation, check_routing, group_segments
+from pipeline.attention.stga import StgaWindows, from_windows, lse_from_windows, to_windows, window_attention, window_ids
+
+MASKED = -1e30  # additive bias on excluded keys: exp(s - 1e30 - max) is exactly 0 in fp32
+BIAS_BYTES = 1 << 31  # windows per dense call in the "bias" route: the bias stays under 2 GiB
+_ALIGN = 16  # bias rows padded to 16 elements (the memory-efficient kernel's alignment; cuDNN is indifferent)
 
 
-def _sorted_lse(lse: torch.Tensor, perm: Permutation, batch: int, n: int) -> torch.Tensor:
-    """(H, B * N) in segment order -> (B, N, H) in sequence order."""
-    return lse.index_select(1, perm.inverse).T.reshape(batch, n, -1)
+def union_route(windows: StgaWindows, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
+    """'bias' or 'cells' for merge = lse (the module docstring says what each does and when)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if windows.grid is not None and device.type == "cuda" and half and not needs_grad:
+        return "bias"
+    return "cells"
+
+
+def window_minus_group(backend, q, k, v, windows: StgaWindows, groups: torch.Tensor):
+    """Attention of every query over the keys of its window that are NOT in its group (W \\ G), equal
+    windows only. q, k, v (B, N, H, D), groups (B, N) -> o (B, N, H, D), lse (B, N, H) fp32, sequence
+    order; rows whose window lies inside their group get lse ~ -1e30 (and an o that carries no weight)."""
+    b, n, h, d = q.shape
+    count, size = b * windows.count, n // windows.count
+    qw, kw, vw = (to_windows(x, windows.grid).view(count, size, h, d) for x in (q, k, v))  # (S, w, H, D) views
+    gw = to_windows(groups[:, :, None, None], windows.grid).view(count, size)
+    padded = -(-size // _ALIGN) * _ALIGN
+    per = max(1, BIAS_BYTES // (size * padded * q.element_size()))
+    masked, zero = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (MASKED, 0.0))
+    outs, lses = [], []
+    for a in range(0, count, per):
+        g = gw[a:a + per]
+        bias = q.new_empty(g.shape[0], 1, size, padded)[..., :size]  # (s, 1, w, w), rows 16-aligned
+        torch.where(g[:, None, :, None] == g[:, None, None, :], masked, zero, out=bias)
+        o, lse = backend.dense_lse(qw[a:a + per], kw[a:a + per], vw[a:a + per], bias)
+        outs.append(o)
+        lses.append(lse)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs)  # (S, w, H, D)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses)  # (S, w, H)
+    return (from_windows(o.reshape(-1, h, d), windows.grid, b),
+            lse_from_windows(lse.reshape(-1, h).T, windows.grid, b))
 
 
 class MogaStgaAttention(AttentionMethod):
@@ -60,27 +101,53 @@ class MogaStgaAttention(AttentionMethod):
         group_counts = [sum(cell_counts[i:i + nw]) for i in range(0, len(cell_counts), nw)]
         qs, ks, vs = perm.gather(q), perm.gather(k), perm.gather(v)  # (B * N, H, D)
         group_cu = cu_seqlens_from_counts(torch.tensor(group_counts, device=q.device))
+        gate = routing.gate.reshape(-1).index_select(0, perm.order)  # (B * N,) fp32, group order
         window_pairs = windows.pairs(b, 1, text_rule=False)
         group_pairs = float(sum(c * c for c in group_counts))
         cell_pairs = float(sum(c * c for c in cell_counts))
 
         if self.cfg.merge == "sum":
-            o_group = perm.scatter(self.backend.segments(qs, ks, vs, group_cu, counts=group_counts), q.shape)
-            o = gated(o_group, routing.gate) + window_attention(self.backend, q, k, v, windows)
+            o_group = self.backend.segments(qs, ks, vs, group_cu, counts=group_counts, out_scale=gate)
+            o = perm.scatter(o_group, q.shape) + window_attention(self.backend, q, k, v, windows)
             pairs, computed = group_pairs + window_pairs, group_pairs + window_pairs
         else:
-            o_group, lse_group = self.backend.segments(qs, ks, vs, group_cu, True, group_counts)
-            o_cell, lse_cell = self.backend.segments(qs, ks, vs, perm.cu_seqlens, True, cell_counts)
-            o_group, o_cell = perm.scatter(o_group, q.shape), perm.scatter(o_cell, q.shape)
-            lse_group, lse_cell = _sorted_lse(lse_group, perm, b, n), _sorted_lse(lse_cell, perm, b, n)
-            o_window, lse_window = window_attention(self.backend, q, k, v, windows, return_lse=True)
-            top = torch.maximum(lse_group, lse_window)  # (B, N, H)
-            z_group, z_window, z_cell = (torch.exp(x - top) for x in (lse_group, lse_window, lse_cell))
-            total = z_group + z_window - z_cell  # >= max(z_group, z_window) up to rounding, so >= ~1
-            weight = lambda z: (z / total).to(q.dtype)[..., None]  # (B, N, H, 1)
-            o = o_group * weight(z_group) + o_window * weight(z_window) - o_cell * weight(z_cell)
-            o = gated(o, routing.gate)
-            pairs, computed = group_pairs + window_pairs - cell_pairs, group_pairs + window_pairs + cell_pairs
+            needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, routing.gate))
+            route = union_route(windows, q.device, q.dtype, needs_grad)
+            o_group, lse_group = self.backend.segments(qs, ks, vs, group_cu, True, group_counts)  # group order
+            if route == "bias":
+                o_window, lse_window = window_minus_group(self.backend, q, k, v, windows, routing.groups)
+                o_cell = lse_cell = None
+                computed = group_pairs + window_pairs
+            else:
+                o_cell, lse_cell = self.backend.segments(qs, ks, vs, perm.cu_seqlens, True, cell_counts)
+                o_window, lse_window = window_attention(self.backend, q, k, v, windows, return_lse=True)
+                computed = group_pairs + window_pairs + cell_pairs
+            o = self._merge(perm, gate, q.shape, (o_group, lse_group.T), (o_window, lse_window),
+                            None if o_cell is None else (o_cell, lse_cell.T))
+            pairs = group_pairs + window_pairs - cell_pairs
         meta.stats.update(pairs=pairs * h, density=pairs / (b * n * n), kernel_pairs=computed * h,
                           largest_group=max(group_counts) / n)
         return o  # (B, N, H, D)
+
+    @staticmethod
+    def _merge(perm: Permutation, gate: torch.Tensor, shape, group, window, cell) -> torch.Tensor:
+        """gate * (Z_G o_G + Z_W o_W [- Z_C o_C]) / (Z_G + Z_W [- Z_C]).
+
+        group, cell: (o (T, H, D), lse (T, H)) in group order; window: (o (B, N, H, D), lse (B, N, H))
+        in sequence order (over W, or over W \\ G when cell is None)."""
+        (o_group, lse_group), (o_window, lse_window) = group, window
+        b, n, h, _ = shape
+        lse_window = take_rows(lse_window.reshape(b * n, h), perm.order)  # (T, H), group order
+        top = torch.maximum(lse_group, lse_window)
+        z_group, z_window = torch.exp(lse_group - top), torch.exp(lse_window - top)
+        total = z_group + z_window
+        if cell is not None:
+            z_cell = torch.exp(cell[1] - top)
+            total = total - z_cell  # >= max(z_group, z_window) up to rounding, so >= ~1
+        norm = gate[:, None] / total  # (T, H) fp32, the gate folded in
+        dtype = o_group.dtype
+        acc = o_group * (z_group * norm).to(dtype)[..., None]  # (T, H, D), group order
+        if cell is not None:
+            acc = torch.addcmul(acc, cell[0], (z_cell * norm).to(dtype)[..., None], value=-1)
+        weight_window = take_rows(z_window * norm, perm.inverse).to(dtype).view(b, n, h, 1)
+        return torch.addcmul(perm.scatter(acc, shape), o_window, weight_window)  # (B, N, H, D)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.attention.backends.blockmask import SegmentMask, block_sparse_attention, flex_available
-from pipeline.attention.backends.segments import DEFAULT_MIN_TOKENS, segment_attention
+from pipeline.attention.backends.segments import DEFAULT_MIN_TOKENS, dense_lse, segment_attention
 
 
 @dataclass
@@ -29,6 +29,14 @@ class AttentionBackend:
         with sdpa_kernel(list(self.sdpa_order)):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
         return o.transpose(1, 2)
+
+    def dense_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full attention with its lse, forward only: q (B, Nq, H, D), k/v (B, Nk, H, D), bias an additive
+        (B or 1, H or 1, Nq, Nk) term on the scaled logits in q's dtype -> o (B, Nq, H, D), lse (B, Nq, H)
+        fp32. cuDNN on CUDA in half precision (memory-efficient where cuDNN refuses a bias)."""
+        o, lse = dense_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, bias)
+        return o.transpose(1, 2), lse.transpose(1, 2)
 
     def block_sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Sequence[SegmentMask],
                      scale: float | None = None) -> torch.Tensor:
