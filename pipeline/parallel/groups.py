@@ -88,6 +88,10 @@ class ParallelContext:
     def backend(self) -> str:
         return "none" if self.group is None else dist.get_backend(self.group)
 
+    def peer(self, rank: int) -> int:
+        """The global rank of group rank `rank` (point-to-point ops address global ranks)."""
+        return dist.get_global_rank(self.group, rank)
+
 
 def init_group(rdzv: Rendezvous, device: torch.device | str = "cpu") -> ParallelContext:
     """Join the group described by `rdzv` on `device` (call on every rank at once).

@@ -27,9 +27,11 @@ def exchange_halo(x: torch.Tensor, ctx: ParallelContext) -> tuple[torch.Tensor, 
     before, after = torch.zeros_like(first), torch.zeros_like(last)
     ops = []
     if ctx.rank > 0:
-        ops += [dist.P2POp(dist.isend, first, ctx.rank - 1, ctx.group), dist.P2POp(dist.irecv, before, ctx.rank - 1, ctx.group)]
+        prev = ctx.peer(ctx.rank - 1)
+        ops += [dist.P2POp(dist.isend, first, prev, ctx.group), dist.P2POp(dist.irecv, before, prev, ctx.group)]
     if ctx.rank < ctx.world - 1:
-        ops += [dist.P2POp(dist.isend, last, ctx.rank + 1, ctx.group), dist.P2POp(dist.irecv, after, ctx.rank + 1, ctx.group)]
+        nxt = ctx.peer(ctx.rank + 1)
+        ops += [dist.P2POp(dist.isend, last, nxt, ctx.group), dist.P2POp(dist.irecv, after, nxt, ctx.group)]
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()

@@ -76,8 +76,8 @@ class RingAttention:
             if step < ctx.world - 1:
                 incoming = torch.empty_like(kv)
                 pending = dist.batch_isend_irecv([
-                    dist.P2POp(dist.isend, kv, (ctx.rank + 1) % ctx.world, ctx.group),
-                    dist.P2POp(dist.irecv, incoming, (ctx.rank - 1) % ctx.world, ctx.group)])
+                    dist.P2POp(dist.isend, kv, ctx.peer((ctx.rank + 1) % ctx.world), ctx.group),
+                    dist.P2POp(dist.irecv, incoming, ctx.peer((ctx.rank - 1) % ctx.world), ctx.group)])
             real = plan.real_len(owner)
             if real:
                 acc = merge(acc, attention_with_lse(q, kv[0, :, :real], kv[1, :, :real]))
