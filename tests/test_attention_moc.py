@@ -6,8 +6,9 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.attention import build_method
-from pipeline.attention.backends.blockmask import (SegmentMask, block_lists, count_pairs, flex_available,
-                                                   flex_block_mask, flex_block_sparse, masked_sdpa)
+from pipeline.attention.backends.blockmask import (SegmentMask, block_lists, choose_block_sparse_path, count_pairs,
+                                                   flex_available, flex_block_mask, flex_block_sparse, masked_sdpa)
+from pipeline.attention.backends.gathered import _slab_sizes, gathered_attention
 from pipeline.attention.base import AttentionMeta
 from pipeline.attention.reference import reference_attention
 from pipeline.config import AttentionConfig
@@ -82,6 +83,55 @@ def test_moc_equals_reference_with_independent_mask(layout, settings):
     assert meta.stats["pairs"] == mask.sum().item()
     assert method.flops(meta, q.shape) == 4 * d * mask.sum().item()
     assert meta.stats["density"] < 1.0
+
+
+@pytest.mark.parametrize("layout, settings", CASES)
+def test_moc_gather_path_equals_reference(layout, settings):
+    """The dense-over-gathered-keys path (what CUDA runs for large chunks), forced on the CPU, in slabs."""
+    method = build_method(moc_config(**settings))
+    b, h, d, n = 2, 2, 16, layout.num_tokens
+    q, k, v = (torch.randn(b, n, h, d) for _ in range(3))
+    mask = method.route(q, k, layout)
+    want = reference_attention(q, k, v, mask.token_mask())
+    torch.testing.assert_close(gathered_attention(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
+    slab = 3 * 2 * d * 4 * (2 * n)  # about 3 items per dense call: many slabs, powers of two
+    torch.testing.assert_close(gathered_attention(q, k, v, mask, slab_bytes=slab), want, atol=1e-5, rtol=1e-5)
+    o = method.backend.block_sparse(q, k, v, (mask,), path="gather")
+    torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gather_path_with_scattered_segments_broadcast_tables_and_empty_rows():
+    """Segments that are not contiguous runs, an allowed table shared by batch rows, a query segment
+    that sees nothing (its rows are 0) and an empty segment."""
+    b, h, nq, nk, d = 2, 3, 40, 50, 8
+    mask = random_mask(1, h, nq, nk, 5, 6, 0.5)
+    allowed = mask.allowed.clone()
+    allowed[:, :, 2] = False  # query segment 2 sees no key
+    q_segment = mask.q_segment.clone()
+    q_segment[q_segment == 4] = 3  # query segment 4 is empty
+    mask = SegmentMask(q_segment, mask.k_segment, allowed)
+    q, k, v = torch.randn(b, nq, h, d), torch.randn(b, nk, h, d), torch.randn(b, nk, h, d)
+    token = mask.token_mask()
+    rows = token.any(-1).transpose(1, 2)[..., None].expand(b, nq, h, 1)  # (B, N, H, 1): rows with a key
+    for scale in (None, 0.3):
+        got = gathered_attention(q, k, v, mask, scale=scale)
+        want = torch.where(rows, reference_attention(q, k, v, token, scale=scale), 0.0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not rows.all() and (got[~rows.expand_as(got)] == 0).all()
+
+
+def test_block_sparse_path_rule_and_slab_sizes():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    chunks = SegmentMask(torch.arange(8192) // 2048, torch.arange(8192) // 2048, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    tiles = SegmentMask(torch.arange(8192) // 128, torch.arange(8192) // 128, torch.ones(1, 1, 64, 64, dtype=torch.bool))
+    assert choose_block_sparse_path((chunks,), 8192, cuda, torch.bfloat16, False) == "gather"
+    assert choose_block_sparse_path((chunks,), 8192, cpu, torch.bfloat16, False) == "masked"
+    flex_or_masked = "flex" if flex_available() else "masked"
+    assert choose_block_sparse_path((tiles,), 8192, cuda, torch.bfloat16, False) == flex_or_masked  # small segments
+    assert choose_block_sparse_path((chunks,), 8192, cuda, torch.bfloat16, True) == flex_or_masked  # autograd
+    assert choose_block_sparse_path((chunks,), 8192, cuda, torch.float32, False) == flex_or_masked
+    assert choose_block_sparse_path((chunks, tiles), 8192, cuda, torch.bfloat16, False) == flex_or_masked
+    assert _slab_sizes(37, 16) == [16, 16, 4, 1] and _slab_sizes(8, 16) == [8] and _slab_sizes(0, 4) == []
 
 
 def test_moc_routes_per_head_and_per_batch_row():
@@ -189,3 +239,17 @@ def test_moc_on_cuda_compiled_flex_equals_reference(dtype, tol):
     mask = method.route(q, k, layout).token_mask()
     assert 0.05 < meta.stats["density"] < 0.6
     torch.testing.assert_close(o.float(), reference_attention(q, k, v, mask).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+def test_moc_on_cuda_gather_path_equals_reference():
+    """Chunks of >= 1024 tokens in bf16: the dense-over-gathered-keys path (cuDNN), text chunk included."""
+    layout = VideoLayout(6, 32, 32, shot_frames=(3, 3), text_tokens=64)
+    method = build_method(moc_config(chunk_frames=2, top_k=1, causal=True, local_frames=0), device="cuda",
+                          dtype=torch.bfloat16)
+    q, k, v = (torch.randn(2, layout.num_tokens, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = method.route(q, k, layout)
+    assert choose_block_sparse_path((mask,), layout.num_tokens, q.device, q.dtype, False) == "gather"
+    o = method(q, k, v, AttentionMeta(layout=layout))
+    want = reference_attention(q, k, v, mask.token_mask()).float()
+    torch.testing.assert_close(o.float(), want, atol=3e-2, rtol=3e-2)

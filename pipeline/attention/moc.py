@@ -18,8 +18,11 @@ distant chunks stays a DAG. Every query of chunk c attends to every key of allow
 Text queries are not routed: they attend to every token (captions summarise the whole video and
 are a small fraction of the rows).
 
-Executed block-sparse through the backend (FlexAttention with 128-token blocks on CUDA; the chunk
-mask is exact per token, partial blocks go through the mask_mod).
+Executed block-sparse through the backend: on CUDA in half precision with chunks of >= 1024 tokens,
+one batched dense (cuDNN) call per set of (batch row, head, query chunk) items with equal query and
+key counts, over gathered keys (exact, no partial blocks); otherwise FlexAttention with 128-token
+blocks (the chunk mask is exact per token, partial blocks go through the mask_mod). The rule is in
+backends/blockmask.py.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.attention.backends.blockmask import SegmentMask, block_sparse_attention, flex_available
+from pipeline.attention.backends.blockmask import SegmentMask, block_sparse_attention
 from pipeline.attention.backends.segments import DEFAULT_MIN_TOKENS, dense_lse, segment_attention
 
 
@@ -39,11 +39,11 @@ class AttentionBackend:
         return o.transpose(1, 2), lse.transpose(1, 2)
 
     def block_sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: Sequence[SegmentMask],
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, path: str = "auto") -> torch.Tensor:
         """Attention where query i sees key j iff every SegmentMask allows it (exact per token);
-        (B, N, H, D) in and out. CUDA: FlexAttention over 128-blocks; else SDPA with the mask."""
-        use_flex = self.device.type == "cuda" and flex_available()
-        return block_sparse_attention(q, k, v, masks, scale, use_flex, self.sdpa_order)
+        (B, N, H, D) in and out. CUDA: dense calls over gathered keys for large segments, else
+        FlexAttention over 128-blocks; CPU: SDPA with the mask. Rule: backends/blockmask.py."""
+        return block_sparse_attention(q, k, v, masks, scale, path, self.sdpa_order)
 
     def segments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                  return_lse: bool = False, counts: Sequence[int] | None = None, scale: float | None = None,

@@ -4,13 +4,17 @@ A SegmentMask says which query segments may see which key segments: query i sees
 allowed[b, h, q_segment[i], k_segment[j]]. Segments are arbitrary token sets (MoC chunks, Lite
 tiles, STGA windows); a call takes one or more masks and ANDs them.
 
-Kernels:
-- CUDA with FlexAttention: the masks become a BlockMask over 128 x 128 blocks. A block holding no
-  allowed pair is never visited; a block whose every pair is allowed runs without the mask_mod;
-  every other block (a chunk boundary inside it, a partial last block) runs with the token-level
-  mask_mod, so the result is exact, never an approximation by blocks.
-- Elsewhere (CPU; CUDA without flex): SDPA with the expanded boolean mask, a slab of query rows
-  at a time. Correct and simple; CPU flex has no backward and compiles slowly.
+Kernels (choose_block_sparse_path):
+- "gather" (CUDA, half precision, one mask, no autograd, >= GATHER_MIN_TOKENS query tokens per
+  segment on average; MoC chunks, whole-frame STGA windows): every (batch row, head, query segment)
+  is a dense call over its gathered keys (backends/gathered.py): exact, cuDNN's speed, the copies
+  cost ~480 / s of the kernel time for s query tokens per segment (see there).
+- "flex" (other CUDA cases): the masks become a FlexAttention BlockMask over 128 x 128 blocks. A
+  block holding no allowed pair is never visited; a block whose every pair is allowed runs without
+  the mask_mod; every other block (a chunk boundary inside it, a partial last block) runs with the
+  token-level mask_mod, so the result is exact, never an approximation by blocks.
+- "masked" (CPU; CUDA without flex): SDPA with the expanded boolean mask, a slab of query rows at a
+  time. Correct and simple; CPU flex has no backward and compiles slowly.
 
 Layout contract: q, k, v and the output are (B, N, H, D) like every attention primitive.
 """
@@ -25,7 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pipeline.attention.backends.gathered import gathered_attention
+
 FLEX_BLOCK = 128  # FlexAttention's sparse block (q and kv), its default and the H100 sweet spot
+GATHER_MIN_TOKENS = 1024  # "gather" from this many query tokens per segment (mean) up
+PATHS = ("auto", "gather", "flex", "masked")
 _SLAB_ELEMENTS = 1 << 24  # CPU path: mask elements per slab of query rows (16 MiB of bool)
 
 
@@ -207,14 +215,33 @@ def masked_sdpa(q, k, v, masks: Sequence[SegmentMask], scale: float | None = Non
     return out
 
 
-def block_sparse_attention(q, k, v, masks: Sequence[SegmentMask], scale: float | None = None,
-                           use_flex: bool = False,
+def choose_block_sparse_path(masks: Sequence[SegmentMask], nq: int, device: torch.device, dtype: torch.dtype,
+                             needs_grad: bool) -> str:
+    """The kernel path for these masks (the rule in the module docstring); decided by sizes only."""
+    if device.type != "cuda":
+        return "masked"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if len(masks) == 1 and half and not needs_grad and nq >= GATHER_MIN_TOKENS * masks[0].allowed.shape[2]:
+        return "gather"
+    return "flex" if flex_available() else "masked"
+
+
+def block_sparse_attention(q, k, v, masks: Sequence[SegmentMask], scale: float | None = None, path: str = "auto",
                            sdpa_order: Sequence[SDPBackend] = (SDPBackend.MATH,)) -> torch.Tensor:
     """Attention where query i sees key j iff every mask allows it; (B, N, H, D) in and out.
 
-    Rows with no allowed key return 0 (neither path produces NaN for them)."""
+    Rows with no allowed key return 0 (no path produces NaN for them)."""
     if not masks:
         raise ValueError("block_sparse_attention needs at least one SegmentMask")
-    if use_flex:
+    if path == "auto":
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        path = choose_block_sparse_path(masks, q.shape[1], q.device, q.dtype, needs_grad)
+    if path == "gather":
+        if len(masks) != 1:
+            raise ValueError(f"block_sparse: the gather path takes one mask, got {len(masks)}")
+        return gathered_attention(q, k, v, masks[0], scale, sdpa_order)
+    if path == "flex":
         return flex_block_sparse(q, k, v, masks, scale)
-    return masked_sdpa(q, k, v, masks, scale, sdpa_order)
+    if path == "masked":
+        return masked_sdpa(q, k, v, masks, scale, sdpa_order)
+    raise ValueError(f"block_sparse: unknown path {path!r} (known: {', '.join(PATHS)})")
