@@ -65,6 +65,31 @@ def test_linear_equals_the_formula(causal):
     torch.testing.assert_close(o, expected(q, k, v, theta, sees), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_kv_sum_in_token_chunks_equals_the_formula(monkeypatch, causal):
+    """The kv sum split over (head, token chunk) pairs (what long sequences run) equals the formula;
+    blocks of 12 and 8 tokens split into 4- and 2-token chunks, a block of 5 does not split."""
+    import pipeline.attention.linear as linear
+
+    monkeypatch.setattr(linear, "CHUNK_TOKENS", 2)
+    monkeypatch.setattr(linear, "MAX_CHUNKS", 4)
+    assert [linear._token_chunks(n) for n in (12, 8, 5)] == [4, 4, 1]
+    layout = VideoLayout(5, 1, 4, block_frames=(3, 2))  # blocks of 12 and 8 tokens
+    n = layout.num_tokens
+    q, k, v = inputs(n)
+    rope, theta = random_rope(n)
+    blk = token_blocks(layout)
+    sees = blk[None, :] <= blk[:, None] if causal else torch.ones(n, n, dtype=torch.bool)
+    o = linear_method(causal)(q, k, v, AttentionMeta(layout=layout, rope=rope))
+    torch.testing.assert_close(o, expected(q, k, v, theta, sees), atol=1e-5, rtol=1e-5)
+    odd = VideoLayout(5, 1, 1)  # 5 tokens: one chunk
+    q5, k5, v5 = inputs(5)
+    rope5, theta5 = random_rope(5)
+    o5 = linear_method(False)(q5, k5, v5, AttentionMeta(layout=odd, rope=rope5))
+    torch.testing.assert_close(o5, expected(q5, k5, v5, theta5, torch.ones(5, 5, dtype=torch.bool)), atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_carried_state_over_blocks_equals_one_block_causal_pass():
     layout = VideoLayout(8, 2, 3, block_frames=(2, 1, 3, 2))
     n, tpf = layout.num_tokens, layout.tokens_per_frame
@@ -192,3 +217,19 @@ def test_linear_on_cuda_equals_the_formula():
     o = linear_method(True)(q.cuda(), k.cuda(), v.cuda(),
                             AttentionMeta(layout=layout, rope=(rope[0].cuda(), rope[1].cuda())))
     torch.testing.assert_close(o.cpu(), expected(q, k, v, theta, blk[None, :] <= blk[:, None]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_linear_on_cuda_in_token_chunks_equals_the_formula(dtype, tol):
+    """Blocks of 2048 tokens: the kv sum runs in (head, chunk) pairs; bf16 in, fp32 inside, bf16 out."""
+    layout = VideoLayout(4, 32, 32, block_frames=(2, 2))
+    n = layout.num_tokens
+    q, k, v = (x.cuda() for x in inputs(n))
+    rope, theta = random_rope(n)
+    blk = token_blocks(layout).cuda()
+    o = linear_method(True)(q.to(dtype), k.to(dtype), v.to(dtype),
+                            AttentionMeta(layout=layout, rope=(rope[0].cuda(), rope[1].cuda())))
+    assert o.dtype == dtype
+    want = expected(q.to(dtype), k.to(dtype), v.to(dtype), theta.cuda(), blk[None, :] <= blk[:, None])
+    torch.testing.assert_close(o.float(), want, atol=tol, rtol=tol)
