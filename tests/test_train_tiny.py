@@ -229,7 +229,7 @@ def test_smoke_run_resumes_and_installs_weights_the_loader_takes(tmp_path):
                 twin.use_training_attention(True)
         torch.testing.assert_close(loaded, trained, rtol=0.02, atol=0.02)  # fp16 weights on disk
     index = json.loads((tmp_path / "weights" / "tiny-trained-moga" / "model_index.json").read_text())
-    assert index["attention"] == "moga+stga" and index["steps"] == 3
+    assert index["longreel_training"]["attention"] == "moga+stga" and index["longreel_training"]["steps"] == 3
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no trained weights installed in pipeline/models/weights yet")

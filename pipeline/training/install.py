@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "weights"
-PART_NAMES = ("transformer", "vae", "text_encoder", "tokenizer", "model_index.json")
 
 
 def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
@@ -50,16 +49,17 @@ def install_weights(source: Path, dest: Path = WEIGHTS_DIR) -> list[str]:
         if not models:
             raise ValueError(f"{tar_path}: no model directory (…/model_index.json) inside")
         for model in models:
-            index = json.loads((model / "model_index.json").read_text())
+            training = json.loads((model / "model_index.json").read_text())["longreel_training"]
             ByT5Tokenizer().save_pretrained(model / "tokenizer")
             if not (model / "vae").exists():
-                os.symlink(Path("..") / index["vae_from"] / "vae", model / "vae")
+                os.symlink(Path("..") / training["vae_from"] / "vae", model / "vae")
         for model in models:  # the loader must take every one of them, as it takes users' weights
             cfg = OmegaConf.structured(ModelConfig(path=str(model), preset=model.name))
             bundle = load_model(cfg, "cpu")
             size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file() and not f.is_symlink()
                        and not any(p.is_symlink() for p in f.relative_to(model).parents if p != Path(".")))
-            lines.append(f"{model.name}: {json.loads((model / 'model_index.json').read_text())['attention']}, "
+            training = json.loads((model / "model_index.json").read_text())["longreel_training"]
+            lines.append(f"{model.name}: {training['attention']}, {training['steps']} steps, "
                          f"{sum(p.numel() for p in bundle.transformer.parameters()) / 1e6:.2f}M transformer "
                          f"parameters, {size / 2**20:.1f} MiB")
         for model in models:

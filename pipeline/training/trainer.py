@@ -80,7 +80,7 @@ class TrainConfig:
     second_subject_prob: float = 0.3
     # stage 1: VAE
     vae_steps: int = 1_000_000  # whichever comes first: steps or seconds
-    vae_seconds: float = 170.0
+    vae_seconds: float = 200.0
     vae_batch: int = 16
     vae_clip_seconds: float = 1.0  # two shots of this length per clip (a cut inside every clip)
     vae_lr: float = 4e-4
@@ -219,8 +219,7 @@ class Trainer:
 
         self.device = resolve_device(cfg.device)
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
+        if self.cuda:  # (no cudnn.benchmark: autotuning every VAE conv shape would eat the budget)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = _model_dict(cfg)

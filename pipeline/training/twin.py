@@ -145,6 +145,10 @@ def save_vae(vae: nn.Module, directory: Path, dtype: torch.dtype = torch.float16
               metadata={"format": "pt"})
 
 
-def write_model_index(directory: Path, preset: str, info: dict) -> None:
-    """model_index.json as the loader's random-weight builds write it, plus how these were trained."""
-    (directory / "model_index.json").write_text(json.dumps({"family": "wan", "preset": preset, **info}, indent=2))
+def write_model_index(directory: Path, preset: str, training: dict) -> None:
+    """model_index.json: the component classes (diffusers' convention, which the loader reads), the
+    family and preset, and how the weights were trained (under "longreel_training")."""
+    index = {"transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "ByT5Tokenizer"],
+             "family": "wan", "preset": preset, "longreel_training": training}
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
