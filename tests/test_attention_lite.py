@@ -136,16 +136,25 @@ def test_step_zero_starts_a_new_record_and_bad_state_is_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
 def test_lite_on_cuda_matches_cpu_decisions_and_reference():
-    """fp32 on CUDA: the same skip record as on CPU, and the sparse steps equal masked dense."""
+    """fp32 on CUDA: the same skip record as on CPU, and every step equals masked dense attention in
+    float64 (the mask from that record) to fp32 rounding.
+
+    Logits reach ~260 here: sharp enough that about half the tiles are skipped, well conditioned
+    enough that an fp32 kernel stays within ~1e-4 of float64 (measured on the CPU: 6e-5). An earlier
+    version ramped the inputs to logits of ~2300, where one ulp of q moves o by 1e-3 and the CPU's own
+    fp32 reference was 1e-3 off float64: CUDA and CPU fp32 then disagree by design, not by a bug."""
     layout, tile = VideoLayout(10, 16, 20), (128, 128)  # 3200 tokens: a partial last tile
+    n = layout.num_tokens
     method_gpu, method_cpu = (build_method(OmegaConf.merge(OmegaConf.structured(AttentionConfig), {
         "method": "lite", "lite": {"full_steps": 2, "threshold": -6.0, "tile": list(tile)}}), device=dev)
         for dev in ("cuda", "cpu"))
     gpu, cpu = StateSlot(), StateSlot()
     for step in range(3):
-        ramp = torch.linspace(0.5, 6.0, layout.num_tokens)[None, :, None, None]  # sharper attention later on
-        q, k, v = (t * ramp for t in inputs(2, layout.num_tokens))
+        ramp = torch.linspace(0.5, 2.0, n)[None, :, None, None]  # sharper attention later on
+        q, k, v = (t * ramp for t in inputs(2, n))
         o = method_gpu(q.cuda(), k.cuda(), v.cuda(), AttentionMeta(layout=layout, step=step, state=gpu))
-        expected = method_cpu(q, k, v, AttentionMeta(layout=layout, step=step, state=cpu))
-        torch.testing.assert_close(o.cpu(), expected, atol=2e-4, rtol=2e-4)
+        method_cpu(q, k, v, AttentionMeta(layout=layout, step=step, state=cpu))
+        mask = None if step < 2 else token_mask(gpu.value.skip.cpu(), n, tile)
+        want = reference_attention(q, k, v, mask, precision=torch.float64)
+        torch.testing.assert_close(o.cpu(), want, atol=2e-4, rtol=2e-4)
     assert torch.equal(gpu.value.skip.cpu(), cpu.value.skip) and 0 < cpu.value.skip.float().mean() < 1

@@ -23,8 +23,13 @@ kept tiles run block-sparse through the backend.
 State: a LiteState in meta.state.value (a StateSlot the sampler owns and resets per video); one
 skip mask per batch row, so CFG's cond and uncond rows, batched in one call, stay separate.
 Cost: the kernels cannot report tile maxima, so the full steps form the logits a second time, in
-slabs of query rows (memory-bound: a few dense steps' worth at 100k+ tokens; LiteAttention's
-patched FA3 gets them for free, a fused kernel here would too).
+slabs of query rows, and reduce them per (row, key tile). That is memory-bound: 4 bytes of logit
+traffic per (query, key) pair and head (the bf16 GEMM writes them, the max reads them), about
+1 TB at 150k tokens; on the H100 a full step took 6.5x (150k) to 5.5x (580k) a dense step (run 1).
+Over 50 steps with 2 full ones that is most of lite's time. Neither cuDNN nor FlexAttention
+returns per-tile maxima (FlexAttention's aux output is the row max only); LiteAttention's patched
+FA3 gets them for free, and a fused QK^T + tile-max kernel (a Triton matmul with a max epilogue,
+no logits in memory) would bring the full step near dense cost: the next step for this method.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ def tile_margins(q: torch.Tensor, k: torch.Tensor, tile: tuple[int, int], scale:
     tq, tk = tile
     nqt, nkt = -(-n // tq), -(-n // tk)
     whole = (n // tk) * tk  # keys in whole k tiles; the rest form one partial tile
-    kt = k.transpose(1, 2).transpose(-1, -2)  # (B, H, D, N)
+    # (B, H, D, N) laid out once: as a strided view of k, matmul would copy it for every slab when B > 1
+    kt = k.permute(0, 2, 3, 1).contiguous()
     out = torch.empty(b, h, nqt, nkt, device=q.device)
     rows = max(1, _SLAB_ELEMENTS // (b * h * n * tq)) * tq  # whole q tiles per slab
     for start in range(0, n, rows):
