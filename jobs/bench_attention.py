@@ -13,9 +13,12 @@ reports the actual N), B=1, H=12, D=128, bf16 on the GPU, every row times one fo
 
 Rows: dense; moga with balanced routing (random router on random hidden states) and with routing
 from a k-means-initialised router on clustered hidden states (unbalanced groups), both timed as the
-whole layer (router, gate, gather/scatter); stga with whole-frame and quarter-frame windows (both
-divide the 480p grid: one batched call); moga+stga (lse merge); moc (4 shots, chunk size and top-k
-set for ~15% density); lite (a sparse step after the full steps, and one full step); linear.
+whole layer (router, gate, gather/scatter); moga with a new random router every call (group sizes
+change every call, as they do between steps and layers of a real run: cuDNN builds an execution
+plan per new shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1); stga with whole-frame and
+quarter-frame windows (both divide the 480p grid: one batched call); moga+stga (lse merge); moc
+(4 shots, chunk size and top-k set for ~15% density); lite (a sparse step after the full steps, and
+one full step); linear. The note column names the kernel path where a method has several.
 q and k carry a per-frame component (tokens of a frame share a direction), so lite and moc have
 structure to find; that does not change what dense, moga or stga compute.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -40,7 +44,9 @@ from omegaconf import OmegaConf
 
 from pipeline.attention import METHODS, build_method, method_names
 from pipeline.attention.base import AttentionMeta, Routing, StateSlot
+from pipeline.attention.backends.blockmask import choose_block_sparse_path
 from pipeline.attention.moga import MoGARouter, kmeans_init
+from pipeline.attention.moga_stga import union_route
 from pipeline.attention.reference import reference_attention
 from pipeline.attention.rope import apply_rope
 from pipeline.config import AttentionConfig
@@ -48,6 +54,12 @@ from pipeline.layout import VideoLayout
 
 GRID = (30, 52)  # 480p: 480 / 16 x 832 / 16 tokens per latent frame
 DEFAULT_SIZES = "32768,150000,580000"
+
+
+def avoid_recompile() -> bool:
+    """Whether torch's cuDNN attention rounds sequence lengths up (ragged path) instead of building a
+    plan per new shape: the opt-in TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch >= 2.9, no bias)."""
+    return os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "") == "1"
 
 
 def attention_config(method: str, **sections) -> AttentionConfig:
@@ -95,7 +107,7 @@ class Case:
     note: str = ""
 
 
-def method_case(label, method, q, k, v, meta_of: Callable[[], AttentionMeta], before=None) -> Case:
+def method_case(label, method, q, k, v, meta_of: Callable[[], AttentionMeta], before=None, note: str = "") -> Case:
     """A row that times method(q, k, v, meta) (plus `before(meta)`, e.g. the router)."""
     last = {}
 
@@ -106,7 +118,7 @@ def method_case(label, method, q, k, v, meta_of: Callable[[], AttentionMeta], be
         last["meta"] = meta
         return method(q, k, v, meta)
 
-    return Case(label, run, lambda: method.flops(last["meta"], q.shape))
+    return Case(label, run, lambda: method.flops(last["meta"], q.shape), note)
 
 
 def build_cases(n_tokens: int, heads: int, dim: int, device, dtype, only: set[str] | None) -> list[Case]:
@@ -144,14 +156,26 @@ def build_cases(n_tokens: int, heads: int, dim: int, device, dtype, only: set[st
                                  routed(balanced, random_hidden)))
         cases.append(method_case("moga M=5 k-means, clustered (layer)", method, q, k, v,
                                  lambda: AttentionMeta(layout=layout), routed(fitted, clustered)))
+        fresh = MoGARouter(channels, 5).to(device)
+        fresh.requires_grad_(False)
+
+        def reroute(meta):
+            fresh.proj.weight.normal_(0.0, channels ** -0.5)  # new group sizes: new kernel shapes
+            meta.routing, _ = fresh(random_hidden)
+
+        cases.append(method_case("moga M=5 rerouted every call (layer)", method, q, k, v,
+                                 lambda: AttentionMeta(layout=layout), reroute,
+                                 "TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1" if avoid_recompile() else ""))
     if want("stga"):
         for window in ([1, GRID[0], GRID[1]], [1, GRID[0] // 2, GRID[1] // 2]):
             cases.append(method_case(f"stga {'x'.join(map(str, window))}", build("stga", stga={"window": window}),
                                      q, k, v, lambda: AttentionMeta(layout=layout)))
     if want("moga+stga"):
         method = build("moga+stga", merge="lse", stga={"window": [1, GRID[0], GRID[1]]})
+        route = union_route(method.windows(layout, device), torch.device(device), dtype, False)
         cases.append(method_case("moga+stga lse, 1x30x52 (layer)", method, q, k, v,
-                                 lambda: AttentionMeta(layout=layout), routed(balanced, random_hidden)))
+                                 lambda: AttentionMeta(layout=layout), routed(balanced, random_hidden),
+                                 f"{route} route"))
     if want("moc"):
         shots = [frames // 4 + (1 if i < frames % 4 else 0) for i in range(4)] if frames >= 4 else [frames]
         shot_layout = VideoLayout(frames, *GRID, shot_frames=tuple(shots))
@@ -159,8 +183,9 @@ def build_cases(n_tokens: int, heads: int, dim: int, device, dtype, only: set[st
         chunks = sum(-(-s // chunk_frames) for s in shots)
         top_k = max(0, round(0.15 * chunks) - 3)  # ~3 anchors (own + local) + top-k of the chunks
         method = build("moc", moc={"chunk_frames": chunk_frames, "top_k": top_k, "local_frames": 1})
+        path = choose_block_sparse_path((method.route(q, k, shot_layout),), n, torch.device(device), dtype, False)
         cases.append(method_case(f"moc 4 shots, chunk {chunk_frames}f, top-{top_k}", method, q, k, v,
-                                 lambda: AttentionMeta(layout=shot_layout)))
+                                 lambda: AttentionMeta(layout=shot_layout), note=f"{path} path"))
     if want("lite"):
         method = build("lite")
         full_steps = method.cfg.lite.full_steps
@@ -221,7 +246,7 @@ def bench(sizes: list[int], heads: int, dim: int, device: torch.device, dtype, w
         dense_flops = 4.0 * dim * heads * n * n
         dense_ms = None
         for case in cases:
-            row = dict(method=case.label, N=n)
+            row = dict(method=case.label, N=n, **({"note": case.note} if case.note else {}))
             try:
                 with torch.inference_mode():
                     ms = time_ms(case.run, device, warmup, repeats)
