@@ -27,6 +27,7 @@ backends/blockmask.py.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,9 @@ class MocChunks:
         return int(self.size.numel())
 
 
+@functools.lru_cache(maxsize=32)
 def moc_chunks(layout: VideoLayout, chunk_frames: int) -> MocChunks:
+    """The chunks of `layout` (memoised: every layer of a step asks for the same ones)."""
     starts, sizes, shots, firsts, lasts, runs = [], [], [], [], [], []
     tpf = layout.tokens_per_frame
     if layout.text_tokens > 0:
@@ -90,6 +93,12 @@ def chunk_means(x: torch.Tensor, chunks: MocChunks) -> torch.Tensor:
     return torch.cat(sums, 1).transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=32)
+def _token_chunk_on(layout: VideoLayout, chunk_frames: int, device: str) -> torch.Tensor:
+    """moc_chunks(...).token_chunk on `device`, memoised (one host->device copy per layout)."""
+    return moc_chunks(layout, chunk_frames).token_chunk.to(device)
+
+
 def anchor_mask(chunks: MocChunks, local_frames: int, text_anchor: bool) -> torch.Tensor:
     """(C, C) bool: the mandatory links of each query chunk (row) to key chunks (columns)."""
     own = torch.eye(chunks.count, dtype=torch.bool)
@@ -117,7 +126,7 @@ class MocAttention(AttentionMethod):
     def route(self, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> SegmentMask:
         """The chunk mask of this call: allowed (B, H, C, C) over the layout's chunks."""
         cfg = self.cfg.moc
-        chunks = moc_chunks(layout, cfg.chunk_frames)
+        chunks = moc_chunks(layout, int(cfg.chunk_frames))
         if chunks.token_chunk.numel() != q.shape[1]:
             raise ValueError(f"moc: q holds {q.shape[1]} tokens but the layout has {chunks.token_chunk.numel()}")
         dev = q.device
@@ -132,7 +141,7 @@ class MocAttention(AttentionMethod):
             allowed |= chosen & candidates  # drop -inf picks when fewer than top_k candidates
         if chunks.has_text:
             allowed[:, :, 0, :] = True  # text queries see every token
-        segment = chunks.token_chunk.to(dev)
+        segment = _token_chunk_on(layout, int(cfg.chunk_frames), str(dev))
         return SegmentMask(segment, segment, allowed)
 
     def forward(self, q, k, v, meta: AttentionMeta):

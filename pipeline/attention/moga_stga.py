@@ -65,7 +65,7 @@ def window_minus_group(backend, q, k, v, windows: StgaWindows, groups: torch.Ten
     gw = to_windows(groups[:, :, None, None], windows.grid).view(count, size)
     padded = -(-size // _ALIGN) * _ALIGN
     per = max(1, BIAS_BYTES // (size * padded * q.element_size()))
-    masked, zero = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (MASKED, 0.0))
+    masked, zero = (torch.full((), x, dtype=q.dtype, device=q.device) for x in (MASKED, 0.0))
     outs, lses = [], []
     for a in range(0, count, per):
         g = gw[a:a + per]
