@@ -68,8 +68,9 @@ def plan_items(allowed: torch.Tensor, q_counts: torch.Tensor, k_counts: torch.Te
     slabs, parts, offset = [], [], 0
     for g, (s, length) in enumerate(shapes.tolist()):
         members = items[group == g]  # (Gg, 3)
-        segs = allowed[tuple(members.T)].nonzero()[:, 1]  # key segments, item-major (row-major nonzero)
-        per_item = allowed[tuple(members.T)].sum(1)  # key segments per item
+        seen = allowed[tuple(members.T)]  # (Gg, Sk)
+        segs = seen.nonzero()[:, 1]  # key segments, item by item (nonzero is row-major)
+        per_item = seen.sum(1)
         first = _exclusive_cumsum(per_item)
         cap = max(1, slab_bytes // (row_bytes * 2 * (s + length)))
         cap = 1 << (cap.bit_length() - 1)
