@@ -3,7 +3,6 @@ process-global. Layout contract: dense primitives take and return (B, N, H, D)."
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
