@@ -220,7 +220,7 @@ def test_moga_stga_on_cuda_bf16_equals_reference(window):
     layout = VideoLayout(4, 30, 52, shot_frames=(1, 3))
     n = layout.num_tokens
     groups = torch.randint(0, 5, (1, n), device="cuda")
-    groups[:, :30 * 52] = 2  # frame 0 inside one group: W \\ G is empty for its rows (bias route)
+    groups[:, :30 * 52] = 2  # frame 0 inside one group: W minus G is empty for its rows (bias route)
     gate = torch.rand(1, n, device="cuda")
     q, k, v = (torch.randn(1, n, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     method = moga_stga_method("lse", window, "cuda", torch.bfloat16)
