@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -95,9 +96,12 @@ def dense_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             try:
                 out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False,
                                                                          scale=scale)
-            except RuntimeError:  # a shape, bias or build cuDNN refuses: flash or memory-efficient take it
+            except RuntimeError as err:  # a shape, bias or build cuDNN refuses: flash or memory-efficient take it
                 if bias is None:
                     out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+                else:  # slower than cuDNN: say so once, a benchmark should not hide it
+                    warnings.warn(f"dense_lse: cuDNN refused an attention bias of {tuple(bias.shape)} "
+                                  f"({str(err).splitlines()[0][:200]}); using the memory-efficient kernel")
         if out is None:
             out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)
     else:
