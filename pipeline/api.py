@@ -5,10 +5,12 @@ This is the one module of pipeline/ that meets Ray (submit); Pipeline itself nee
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pipeline.config import Config, build_config, load_config, to_dict
 
@@ -136,3 +138,96 @@ def video_metadata(cfg: Config, plan, timings: dict, adapter=None) -> dict:
         if pairs:
             meta["attention"]["mean_pairs_last_step"] = float(sum(pairs) / len(pairs))
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch jobs on a Ray cluster: submit(manifest) -> Job
+# ---------------------------------------------------------------------------------------------
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class Job:
+    """A batch submitted to a Ray cluster (jobs/generate.py running there). Cheap to keep: it holds
+    the job's id, the cluster's address and where the job writes its results manifest."""
+
+    def __init__(self, client, job_id: str, storage, results_key: str):
+        self.client, self.job_id = client, job_id
+        self.storage, self.results_key = storage, results_key  # the batch's StorageConfig
+
+    def status(self) -> str:
+        """PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED"""
+        return str(self.client.get_job_status(self.job_id).value)
+
+    def logs(self) -> str:
+        return self.client.get_job_logs(self.job_id)
+
+    def wait(self, timeout_s: float | None = None, follow: TextIO | None = None, poll_s: float = 1.0) -> str:
+        """Until the job ends (or `timeout_s`); with `follow`, the job's log is copied there as it grows."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        shown = 0
+        while True:
+            status = self.status()
+            if follow is not None:
+                text = self.logs()
+                follow.write(text[shown:])
+                follow.flush()
+                shown = len(text)
+            if status in TERMINAL:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.job_id}: still {status} after {timeout_s:g} s")
+            time.sleep(poll_s)
+
+    def results(self) -> list:
+        """The results manifest: one VideoResult per video (name, status, URIs, timings, error)."""
+        from pipeline.runtime.results import parse_results
+        from pipeline.storage import open_store
+
+        return parse_results(open_store(self.storage).get(self.results_key))
+
+    def stop(self) -> bool:
+        return self.client.stop_job(self.job_id)
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r})"
+
+
+def submit(manifest: str | Path, overrides: list[str] | tuple[str, ...] = (), address: str | None = None,
+           wait: bool = True, config: str | Path | None = None) -> Job:
+    """Submit a batch manifest to a Ray cluster as a job (`python -m jobs.generate MANIFEST ...`).
+
+    The manifest is validated here first: a bad entry fails before anything is submitted. `address`
+    is the cluster's dashboard (http://HEAD:8265); None: cluster.address, then RAY_ADDRESS, then a
+    cluster running on this machine. The manifest (and `config`) travel as the job's working
+    directory. A relative file:// storage is made absolute here, so outputs land where they would
+    for `jobs.generate` run from this directory (a cluster on this machine or a shared filesystem).
+    With `wait`, blocks until the job ends and copies its log to stdout, as `ray job submit` does."""
+    import shutil
+    import tempfile
+
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.manifest import load_manifest
+
+    manifest = Path(manifest)
+    overrides = list(overrides)
+    base = load_manifest(manifest, config, overrides).base  # raises ConfigError / ManifestError
+    uri = base.storage.uri
+    if uri.startswith("file://") and not uri.startswith("file:///"):
+        overrides.append(f"storage.uri=file://{Path(uri[len('file://'):]).expanduser().absolute().as_posix()}")
+        base = load_config(config, overrides)
+    results_key = f"{manifest.stem}.results.jsonl"
+    client = JobSubmissionClient(address or base.cluster.address or None)
+    with tempfile.TemporaryDirectory(prefix="longreel-job-") as workdir:
+        shutil.copy(manifest, Path(workdir) / manifest.name)
+        args = ["python", "-m", "jobs.generate", manifest.name, *overrides, "--results", results_key]
+        if config is not None:
+            shutil.copy(config, Path(workdir) / "base-config.yaml")
+            args += ["--config", "base-config.yaml"]
+        job_id = client.submit_job(entrypoint=shlex.join(args), runtime_env={"working_dir": workdir},
+                                   metadata={"manifest": manifest.name})
+    job = Job(client, job_id, base.storage, results_key)
+    if wait:
+        job.wait(follow=sys.stdout)
+    return job

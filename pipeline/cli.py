@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-wait", action="store_true", help="return once submitted")
     s.set_defaults(run=_submit)
     args = parser.parse_args(argv)
-    if args.config and "=" in args.config:  # `longreel generate key=value`: no config file given
+    if getattr(args, "config", None) and "=" in args.config:  # `longreel generate key=value`: no config given
         args.overrides, args.config = [args.config, *args.overrides], None
     try:
         return args.run(args)

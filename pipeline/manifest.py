@@ -15,7 +15,8 @@ validated by pipeline.config like any other config.
 Errors name the file and line, then the key and the value, in one line:
     batch.jsonl:3: video.shots.0.seconds: must be > 0 (got 0)
 Every video of a batch runs on the same kind of worker group (one model loaded per group, one
-context-parallel degree), so `model`, `parallel` and `cluster` may not differ between entries.
+context-parallel degree, one set of attention methods), so `model`, `attention`, `parallel` and
+`cluster` may not differ between entries.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pipeline.config import PRESET_GROUPS, Config, ConfigError, _parse_override,
 VIDEO_FIELDS = ("name", "shots", "seed", "fps", "height", "width", "negative_prompt")
 ENTRY_KEYS = (*VIDEO_FIELDS, "overrides")
 # Sections a worker group is built from: equal for every video of a batch.
-GROUP_SECTIONS = ("model", "parallel", "cluster")
+GROUP_SECTIONS = ("model", "attention", "parallel", "cluster")
 
 
 class ManifestError(ConfigError):

@@ -1,5 +1,6 @@
 """WorkerGroup on a real local Ray cluster: placement group, rank order, rendezvous, gloo group,
-health checks, rebuild after a worker dies, and the resource-timeout message."""
+health checks, rebuild after a worker dies (beside an undisturbed group), and the resource-timeout
+message. No model and no writer here: the group mechanics alone."""
 
 import pytest
 
@@ -16,26 +17,30 @@ def ray_cluster(s3_server):
     return local_ray()
 
 
-def test_group_starts_ranks_in_node_order_and_survives_a_rebuild(ray_cluster):
+def test_two_groups_rank_order_and_a_rebuild_beside_an_undisturbed_group(ray_cluster):
     ray = ray_cluster
-    group = WorkerGroup(load_config(None, CPU_GROUP), name="t", load_model=False)
-    group.start()
+    cfg = load_config(None, CPU_GROUP)
+    hit, calm = (WorkerGroup(cfg, name=n, load_model=False, writer=False) for n in ("hit", "calm"))
     try:
-        assert len(group.workers) == 2 and group.health() == 2  # gloo all-reduce of ranks: 0 + 1
-        assert ray.get([w.ping.remote() for w in group.workers]) == [0, 1]
-        assert [p.sort_key() for p in group.placements] == sorted(p.sort_key() for p in group.placements)
-        assert len({p.node_id for p in group.placements}) == 1  # STRICT_PACK
-        assert group.device_plan() == [(None, None), (None, None)]
+        for g in (hit, calm):
+            g.start()
+            assert len(g.workers) == 2 and g.health() == 2  # gloo all-reduce of ranks: 0 + 1
+            assert ray.get([w.ping.remote() for w in g.workers]) == [0, 1]
+            assert [p.sort_key() for p in g.placements] == sorted(p.sort_key() for p in g.placements)
+            assert len({p.node_id for p in g.placements}) == 1  # STRICT_PACK
+            assert g.device_plan() == [(None, None), (None, None)]
 
-        ray.kill(group.workers[1], no_restart=True)
-        with pytest.raises(WorkerLost, match="worker group t"):
-            group.health()
-        assert not group.alive and group.pg is None  # every rank killed, bundles released
-
-        group.rebuild()
-        assert group.builds == 2 and group.health() == 2
+        ray.kill(hit.workers[1], no_restart=True)
+        with pytest.raises(WorkerLost, match="worker group hit"):
+            hit.health()
+        assert not hit.alive and hit.pg is not None  # every rank killed, the bundles kept for the rebuild
+        hit.rebuild()
+        assert hit.builds == 2 and hit.health() == 2
+        assert calm.builds == 1 and calm.health() == 2
     finally:
-        group.shutdown()
+        hit.shutdown()
+        calm.shutdown()
+    assert hit.pg is None and not hit.alive
 
 
 def test_waiting_for_resources_times_out_with_what_to_change(ray_cluster):
@@ -45,9 +50,10 @@ def test_waiting_for_resources_times_out_with_what_to_change(ray_cluster):
     with pytest.raises(ResourceTimeout) as e:
         group.start()
     message = str(e.value)
-    assert "64 bundles of {CPU: 1}" in message and "parallel.degree=64" in message
-    assert "no node has that much" in message and "cluster.resource_timeout_s" in message
-    assert "\n" not in message and group.pg is None and not group.alive
+    assert message.startswith("worker group big: waited 1 s for {CPU: 65} on one node (64 workers of {CPU: 1} "
+                              "+ the writer; parallel.degree=64, STRICT_PACK); no node has that much")
+    assert "cluster.resource_timeout_s" in message and "\n" not in message
+    assert group.pg is None and not group.alive
 
 
 def test_gpu_ranks_share_their_nodes_visible_devices():
@@ -56,3 +62,4 @@ def test_gpu_ranks_share_their_nodes_visible_devices():
     group.placements = [Placement("a", "10.0.0.1", ("6",), 1), Placement("a", "10.0.0.1", ("7",), 2),
                         Placement("b", "10.0.0.2", ("10",), 3), Placement("b", "10.0.0.2", ("2",), 4)]
     assert group.device_plan() == [("6,7", 0), ("6,7", 1), ("2,10", 1), ("2,10", 0)]
+    assert group.bundles() == [{"CPU": 1.0, "GPU": 1.0}] * 4 + [{"CPU": 1.0}]

@@ -8,7 +8,7 @@ from pipeline.config import S3Config, StorageConfig, load_config
 from pipeline.runtime.checkpoint import BlockCheckpoint, fingerprint
 from pipeline.runtime.progress import Progress, ProgressDisplay
 from pipeline.runtime.results import Timings, VideoResult, parse_results, results_jsonl
-from pipeline.storage import FileStore, open_store
+from pipeline.storage import FileStore, ObjectNotFound, open_store
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -27,20 +27,27 @@ def _blocks(n):
 
 
 def test_saved_blocks_and_latest_state_come_back_exactly(store):
-    cfg = load_config(None, ["video.seed=5"])
+    cfg = load_config(None, ["video.seed=5", "parallel.degree=2"])
     ckpt = BlockCheckpoint(store, "v", cfg)
     assert ckpt.load() is None
     blocks = _blocks(3)
-    states = [[{"S": torch.randn(2, 4, 4), "z": torch.randn(2, 4)}, None] for _ in range(3)]
-    for k in range(3):
-        ckpt.save(k, blocks[k], states[k])
+    g = torch.Generator().manual_seed(1)
+    states = [[{"layer.0.linear.S": torch.randn(2, 4, 4, generator=g)} for _ in range(2)] for _ in range(3)]
+    ckpt.save(0, blocks[0], states[0])  # the in-process way: states handed over with the block
+    for k in (1, 2):  # the worker way: each rank saves its own state, then the block is committed
+        for rank in (0, 1):
+            ckpt.save_state(k, rank, states[k][rank])
+        ckpt.save(k, blocks[k])
     # a block written but not committed by progress.json (the job died in between) does not count
-    store.put("v.ckpt/block-00003.pt", b"partial")
+    store.put("v.ckpt/block-00003.safetensors", b"partial")
     saved = BlockCheckpoint(store, "v", cfg).load()
-    assert saved.blocks_done == 3
+    assert saved.blocks_done == 3 and saved.ranks == 2
     assert all(torch.equal(a, b) for a, b in zip(saved.latents, blocks))
-    assert torch.equal(saved.state[0]["S"], states[2][0]["S"]) and saved.state[1] is None
-    assert [k for k in store.list("v.ckpt/") if "state" in k] == ["v.ckpt/state-00002.pt"]  # older states go
+    assert all(torch.equal(saved.state[r]["layer.0.linear.S"], states[2][r]["layer.0.linear.S"]) for r in (0, 1))
+    assert sorted(k for k in store.list("v.ckpt/") if "state" in k) == [  # older states go
+        "v.ckpt/state-00002-rank0.safetensors", "v.ckpt/state-00002-rank1.safetensors"]
+    with pytest.raises(ObjectNotFound):
+        ckpt.load_state(1, 0)
 
     ckpt.clear()
     assert store.list("v.ckpt/") == []
@@ -48,7 +55,7 @@ def test_saved_blocks_and_latest_state_come_back_exactly(store):
 
 def test_a_checkpoint_from_another_config_is_dropped(store):
     cfg = load_config(None, ["video.seed=5"])
-    BlockCheckpoint(store, "v", cfg).save(0, _blocks(1)[0], [None])
+    BlockCheckpoint(store, "v", cfg).save(0, _blocks(1)[0], [{}])
     assert BlockCheckpoint(store, "v", load_config(None, ["video.seed=6"])).load() is None
     assert store.list("v.ckpt/") == []
 

@@ -1,12 +1,17 @@
 """Block checkpoints of one video in the object store, so that a killed job resumes where it stopped.
 
-Under `NAME.ckpt/` the scheduler keeps, after each finished block k:
-    block-0000k.pt   the block's clean latents (1, C, T_k, h, w) (re-decoded on resume: the MP4
-                     encoder's state cannot be saved, decoding is cheap next to denoising)
-    state-0000k.pt   the carried state after block k (what block k+1 starts from; None in joint mode)
-    progress.json    {"blocks_done": k + 1, "fingerprint": ..., "seed": ...}: written last, so it
-                     only ever names blocks whose files are complete (the commit point)
-Older states are deleted once the next progress.json is written. A checkpoint made under a
+Under `NAME.ckpt/`, after each finished block k:
+    block-0000k.safetensors          the block's clean latents (1, C, T_k, h, w): re-decoded on resume
+                                     (the MP4 encoder's state cannot be saved; decoding is cheap next
+                                     to denoising)
+    state-0000k-rank{r}.safetensors  rank r's carried state after block k (CarriedState.to_tensors();
+                                     block mode only: what block k+1 starts from). Under context
+                                     parallelism every rank writes its own, straight from its process.
+    progress.json                    {"blocks_done": k + 1, "ranks": P, "fingerprint": ...}: written
+                                     last, so it only names blocks whose files are complete (the
+                                     commit point)
+The states of block k-1 are deleted once block k is committed. Everything is safetensors (names
+and tensors): loading a checkpoint from a shared bucket runs no code. A checkpoint made under a
 different config (another seed, steps, model...) is ignored and replaced: resuming must give the
 video an uninterrupted run would have given. `clear()` removes it all once the video is finished.
 """
@@ -14,12 +19,12 @@ video an uninterrupted run would have given. `clear()` removes it all once the v
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from pipeline.config import to_dict
 from pipeline.storage.base import ObjectStore
@@ -36,47 +41,57 @@ def fingerprint(cfg) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _from_bytes(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
 @dataclass
 class Resume:
-    """What a checkpoint gives back: the finished blocks' latents (in order) and the state after them."""
+    """A checkpoint's finished blocks: their latents (in order), and each rank's state after them."""
 
+    checkpoint: BlockCheckpoint
     latents: list[torch.Tensor]
-    state: Any
+    ranks: int
+    _states: list | None = field(default=None, repr=False)
 
     @property
     def blocks_done(self) -> int:
         return len(self.latents)
+
+    @property
+    def state(self) -> list[dict[str, torch.Tensor]]:
+        """Per rank, the carried state after the last finished block (read on first use)."""
+        if self._states is None:
+            self._states = [self.checkpoint.load_state(self.blocks_done - 1, r) for r in range(self.ranks)]
+        return self._states
 
 
 class BlockCheckpoint:
     def __init__(self, store: ObjectStore, name: str, cfg):
         self.store, self.prefix = store, f"{name}.ckpt/"
         self.fingerprint, self.seed = fingerprint(cfg), int(cfg.video.seed)
+        self.ranks = int(cfg.parallel.degree)
 
-    def _key(self, kind: str, block: int) -> str:
-        return f"{self.prefix}{kind}-{block:05d}.pt"
+    def _block_key(self, block: int) -> str:
+        return f"{self.prefix}block-{block:05d}.safetensors"
 
-    def save(self, block: int, latents: torch.Tensor, state: Any) -> None:
-        """Record block `block` as finished; blocks 0..block-1 must have been saved before."""
-        self.store.put(self._key("block", block), _to_bytes(latents.detach().cpu()))
-        self.store.put(self._key("state", block), _to_bytes(state))
-        progress = {"blocks_done": block + 1, "fingerprint": self.fingerprint, "seed": self.seed}
+    def _state_key(self, block: int, rank: int) -> str:
+        return f"{self.prefix}state-{block:05d}-rank{rank}.safetensors"
+
+    def save_state(self, block: int, rank: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Rank `rank`'s carried state after block `block` (before the block is committed by save)."""
+        self.store.put(self._state_key(block, rank), save_tensors({k: v.contiguous() for k, v in tensors.items()}))
+
+    def save(self, block: int, latents: torch.Tensor, states: list[dict[str, torch.Tensor]] | None = None) -> None:
+        """Commit block `block` (blocks 0..block-1 are committed already). `states`, one per rank, are
+        saved first when given; otherwise the ranks have saved theirs with save_state."""
+        for rank, tensors in enumerate(states or ()):
+            self.save_state(block, rank, tensors)
+        self.store.put(self._block_key(block), save_tensors({"latents": latents.detach().cpu().contiguous()}))
+        progress = {"blocks_done": block + 1, "ranks": self.ranks, "fingerprint": self.fingerprint, "seed": self.seed}
         self.store.put(f"{self.prefix}progress.json", json.dumps(progress).encode())
         if block > 0:
-            self.store.delete(self._key("state", block - 1))
+            for rank in range(self.ranks):
+                self.store.delete(self._state_key(block - 1, rank))
 
     def load(self) -> Resume | None:
-        """The saved blocks, or None when there is no checkpoint (or one from another config)."""
+        """The committed blocks, or None when there is no checkpoint (or one from another config)."""
         key = f"{self.prefix}progress.json"
         if not self.store.exists(key):
             return None
@@ -84,9 +99,12 @@ class BlockCheckpoint:
         if progress.get("fingerprint") != self.fingerprint:
             self.clear()
             return None
-        done = int(progress["blocks_done"])
-        latents = [_from_bytes(self.store.get(self._key("block", k))) for k in range(done)]
-        return Resume(latents=latents, state=_from_bytes(self.store.get(self._key("state", done - 1))))
+        latents = [load_tensors(self.store.get(self._block_key(k)))["latents"] for k in range(progress["blocks_done"])]
+        return Resume(self, latents, int(progress["ranks"]))
+
+    def load_state(self, block: int, rank: int) -> dict[str, torch.Tensor]:
+        """Rank `rank`'s carried state after block `block` (ObjectNotFound if it was never saved)."""
+        return load_tensors(self.store.get(self._state_key(block, rank)))
 
     def clear(self) -> None:
         for key in self.store.list(self.prefix):

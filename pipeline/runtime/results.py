@@ -71,7 +71,13 @@ def parse_results(data: bytes) -> list[VideoResult]:
     return [VideoResult.from_dict(json.loads(line)) for line in data.decode().splitlines() if line.strip()]
 
 
+class RemoteError(RuntimeError):
+    """An error raised in another process, carried as its `Type: message` line (actors/errors.py)."""
+
+
 def one_line(e: BaseException) -> str:
     """An exception as the results manifest and logs show it: its type and its first line."""
+    if isinstance(e, RemoteError):
+        return str(e)
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

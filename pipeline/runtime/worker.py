@@ -4,18 +4,24 @@ A group of P workers shares one video's token sequence. They start in phases, dr
 WorkerGroup, so that nothing touches CUDA before the device is chosen:
     1. set_device(visible_devices, index)   CUDA_VISIBLE_DEVICES for the node's group GPUs, then the
                                             rank's own device (before the process group: NCCL binds
-                                            its communicator to the current device)
-    2. join_group(rendezvous, rank, world)  torch.distributed over gloo (CPU) or NCCL (GPU)
-    3. load_model()                         weights, attention processors, context parallelism
+                                            its communicator to it)
+    2. join_group(rendezvous)               torch.distributed over gloo (CPU) or NCCL (GPU)
+    3. load_model()                         weights, attention methods, context parallelism
 Then `denoise_block` runs in lockstep on every rank; `ping` and `check_group` are health checks.
+
+A worker keeps the video's carried state from block to block, and also writes it to the video's
+checkpoint after each block: a rebuilt group (new processes) or a resumed video reads it back from
+there and gets the same frames an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import time
 from dataclasses import dataclass
-from datetime import timedelta
+from typing import Any
+
+from pipeline.runtime.checkpoint import fingerprint
 
 
 class WorkerLost(RuntimeError):
@@ -23,7 +29,7 @@ class WorkerLost(RuntimeError):
 
     A torch.distributed group cannot be repaired member by member (a restarted process is not in
     the communicator), so the whole group is torn down and built again; the work it was doing
-    (one block) is re-run from the state the scheduler holds."""
+    (one block) is re-run from the last checkpointed state."""
 
 
 class ResourceTimeout(RuntimeError):
@@ -45,15 +51,11 @@ class Placement:
         return (self.node_ip, self.node_id, gpus, self.pid)
 
 
-def free_port(host: str) -> int:
-    """A TCP port free on `host` right now (the rendezvous binds it moments later)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def tcp_address(host: str, port: int) -> str:
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+@dataclass
+class RankOutput:
+    latents: Any  # (1, C, T_b, h, w) fp32 CPU clean latents of the whole block on rank 0; None elsewhere
+    seconds: float  # denoising time of the block on this rank
+    state_s: float  # writing this rank's carried state to the checkpoint
 
 
 def select_device(visible_devices: str | None, index: int | None) -> str:
@@ -75,58 +77,109 @@ def select_device(visible_devices: str | None, index: int | None) -> str:
 
 
 class Worker:
-    """One rank. `parallel` is the ParallelConfig; `model` the ModelConfig (loaded in phase 3)."""
+    """One rank. `cfg` is the batch's Config: model, attention and parallel are fixed for its life."""
 
-    def __init__(self, parallel, model):
-        self.parallel, self.model_cfg = parallel, model
-        self.rank, self.world_size = -1, 0
+    def __init__(self, cfg):
+        self.cfg = cfg
         self.device = "cpu"
-        self.group = None  # torch.distributed ProcessGroup once joined
+        self.ctx = None  # ParallelContext once joined
+        self.bundle = self.adapter = self.run_model = None
+        self.step, self.steps = 0, 0
+        self._video = None  # ((fingerprint, name), denoiser, plan, checkpoint) of the video being denoised
 
-    # --- phase 0: rendezvous (rank 0 only) --------------------------------------------------------
-    def publish_rendezvous(self, host: str) -> str:
-        """Rank 0 picks the address every rank joins: its node's IP and a port free there."""
-        return tcp_address(host, free_port(host))
+    # --- phases -----------------------------------------------------------------------------------
+    def publish_rendezvous(self, host: str) -> int:
+        """Rank 0: a port free on its node, where it will serve the group's store."""
+        from pipeline.parallel.groups import free_port
 
-    # --- phase 1: device --------------------------------------------------------------------------
+        return free_port(host)
+
     def set_device(self, visible_devices: str | None, index: int | None) -> str:
         self.device = select_device(visible_devices, index)
         return self.device
 
-    # --- phase 2: process group -------------------------------------------------------------------
-    def backend(self) -> str:
-        if self.parallel.backend != "auto":
-            return self.parallel.backend
-        return "nccl" if self.device.startswith("cuda") else "gloo"
+    def join_group(self, rendezvous) -> int:
+        """`rendezvous` is this rank's pipeline.parallel.groups.Rendezvous."""
+        from pipeline.parallel.groups import init_group
 
-    def join_group(self, rendezvous: str, rank: int, world_size: int) -> int:
-        import torch.distributed as dist
+        self.ctx = init_group(rendezvous, self.device)
+        return self.ctx.rank
 
-        if self.device.startswith("cuda"):
-            # Fail instead of hanging when a peer dies mid-collective; the group is then rebuilt.
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(self.backend(), init_method=rendezvous, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=self.parallel.timeout_s))
-        self.rank, self.world_size = rank, world_size
-        self.group = dist.group.WORLD
-        return rank
+    def load_model(self) -> None:
+        from pipeline.models import build_adapter, load_model
+
+        self.bundle = load_model(self.cfg.model, self.device)
+        self.adapter = build_adapter(self.bundle, self.cfg.attention)
+        if self.ctx.world > 1:
+            from pipeline.parallel import parallelize
+
+            self.run_model = parallelize(self.adapter, self.ctx)
+
+    # --- work -------------------------------------------------------------------------------------
+    def denoise_block(self, cfg, block: int, restore: bool) -> RankOutput:
+        """Denoise block `block` of video `cfg`. The carried state is this process's own, continued from
+        the video's previous block, unless `restore`: then it is read from the checkpoint (block-1's;
+        none at block 0), as after a rebuild or when a video resumes. Unless it was the last block,
+        the state after it goes to the checkpoint too, from this rank (it can be large: a rolling KV
+        cache), before the scheduler commits the block."""
+        import torch
+
+        denoiser, plan, checkpoint = self._prepare(cfg)
+        rank = self.ctx.rank
+        if restore:
+            denoiser.states.reset()
+            if block > 0:
+                denoiser.states.load_tensors(checkpoint.load_state(block - 1, rank), self.device)
+        self.step, self.steps = 0, int(cfg.sampling.steps)
+        t0 = time.perf_counter()
+        latents = denoiser.denoise_block(plan, plan.blocks[block], progress=self._on_step)
+        if latents.is_cuda:
+            torch.cuda.synchronize(latents.device)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if block + 1 < len(plan.blocks):
+            checkpoint.save_state(block, rank, denoiser.states.to_tensors())
+        return RankOutput(latents=latents.cpu() if rank == 0 else None, seconds=seconds,
+                          state_s=time.perf_counter() - t1)
+
+    def _prepare(self, cfg):
+        """Denoiser (prompts, seed, carried state), plan and checkpoint of video `cfg`, made once per video."""
+        from pipeline.runtime.checkpoint import BlockCheckpoint
+        from pipeline.sampling.denoise import Denoiser
+        from pipeline.sampling.plan import ShotPlan
+        from pipeline.storage import open_store
+
+        key = fingerprint(cfg), cfg.video.name
+        if self._video is None or self._video[0] != key:
+            plan = ShotPlan.from_config(cfg, self.bundle.transformer.config.in_channels)
+            denoiser = Denoiser(self.adapter, self.bundle, cfg, self.run_model)
+            self._video = (key, denoiser, plan, BlockCheckpoint(open_store(cfg.storage), cfg.video.name, cfg))
+        return self._video[1:]
+
+    def _on_step(self, block: int, step: int, steps: int) -> None:
+        self.step, self.steps = step, steps
+
+    def step_progress(self) -> tuple[int, int]:
+        return self.step, self.steps
 
     # --- health -----------------------------------------------------------------------------------
     def ping(self) -> int:
-        return self.rank
+        return self.ctx.rank if self.ctx is not None else -1
 
     def check_group(self) -> int:
         """One all-reduce over the group: returns the sum of ranks (P * (P - 1) / 2) when all are alive."""
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([self.rank], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, group=self.group)
+        if self.ctx.group is None:
+            return 0
+        t = torch.tensor([self.ctx.rank], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, group=self.ctx.group)
         return int(t.item())
 
     def close(self) -> None:
-        import torch.distributed as dist
+        from pipeline.parallel.groups import close_group
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        self.group = None
+        if self.ctx is not None:
+            close_group(self.ctx)
+            self.ctx = None
