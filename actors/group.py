@@ -148,11 +148,14 @@ class WorkerGroup:
             self.placements = [placements[i] for i in order]
             self._gather([w.set_device.remote(*d) for w, d in zip(self.workers, self.device_plan())])
             writer_ready = self._load_writer(writer) if writer is not None else []
-            host = self.placements[0].node_ip
-            port = ray.get(self.workers[0].publish_rendezvous.remote(host))
-            p = self.cfg.parallel
-            self._gather([w.join_group.remote(Rendezvous(host, port, r, self.size, p.backend, p.timeout_s))
-                          for r, w in enumerate(self.workers)])
+            if self.size == 1:
+                self._gather([self.workers[0].join_group.remote(None)])
+            else:
+                host = self.placements[0].node_ip
+                port = ray.get(self.workers[0].publish_rendezvous.remote(host))
+                p = self.cfg.parallel
+                self._gather([w.join_group.remote(Rendezvous(host, port, r, self.size, p.backend, p.timeout_s))
+                              for r, w in enumerate(self.workers)])
             if self.load_model:
                 self._gather([w.load_model.remote() for w in self.workers])
             ray.get(writer_ready)

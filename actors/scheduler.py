@@ -17,7 +17,6 @@ from actors.writer import RemoteWriter
 from pipeline.runtime.progress import Progress
 from pipeline.runtime.results import VideoResult
 from pipeline.runtime.scheduler import VideoScheduler
-from pipeline.storage import open_store
 
 
 class Scheduler:
@@ -39,7 +38,7 @@ class Scheduler:
         from pipeline.sampling.plan import ShotPlan
 
         self.group.repair()
-        video = VideoScheduler(cfg, ShotPlan.from_config(cfg), self.group, self.writer, open_store(cfg.storage),
+        video = VideoScheduler(cfg, ShotPlan.from_config(cfg), self.group, self.writer,
                                max_block_retries=cfg.cluster.max_block_retries)
         video.result.line = line
         with self._lock:

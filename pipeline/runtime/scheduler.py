@@ -18,7 +18,7 @@ rank writes its own); the scheduler commits the block (latents + progress.json) 
 group rebuilt after a worker died, or a resumed video, restores the state of the last committed
 block from there (`restore`), so the re-run block starts from exactly the state an uninterrupted run
 had: the frames come out identical. Plain Python: the group and the writer are passed in
-(Ray-backed in actors/, or in-process), as is the store for checkpoints.
+(Ray-backed in actors/, or in-process).
 """
 
 from __future__ import annotations
@@ -71,14 +71,17 @@ class BlockSink(Protocol):
 
 
 class VideoScheduler:
-    def __init__(self, cfg, plan, group: DenoiseGroup, writer: BlockSink, store, max_block_retries: int = 2,
+    def __init__(self, cfg, plan, group: DenoiseGroup, writer: BlockSink, max_block_retries: int = 2,
                  clock=time.perf_counter):
-        """`plan` is the video's ShotPlan; `store` keeps the checkpoints (the video's own store)."""
+        """`plan` is the video's ShotPlan. Checkpoints go to the video's own store (cfg.storage)."""
+        from pipeline.storage import open_store
+
         self.cfg, self.plan, self.group, self.writer = cfg, plan, group, writer
         self.name = cfg.video.name
-        self.checkpoint = BlockCheckpoint(store, self.name, cfg)
         self.max_block_retries, self.clock = max_block_retries, clock
         self.blocks = len(plan.blocks)
+        # One block: nothing to resume between blocks, no checkpoint (as in Pipeline.generate).
+        self.checkpoint = BlockCheckpoint(open_store(cfg.storage), self.name, cfg) if self.blocks > 1 else None
         self.steps = int(cfg.sampling.steps)
         self.timings = Timings()
         self.result = VideoResult(name=self.name, status="running", blocks=self.blocks, group=group.name,
@@ -138,7 +141,8 @@ class VideoScheduler:
         except Exception as e:
             self._fail(e)
             return self.result
-        self.checkpoint.clear()
+        if self.checkpoint is not None:
+            self.checkpoint.clear()
         mp4 = record["mp4"]
         for key in ("decode_s", "encode_s", "upload_s"):  # the writer's own count, its final flush included
             setattr(self.timings, key, mp4["timings"][key])
@@ -158,7 +162,7 @@ class VideoScheduler:
     def _resume(self) -> int:
         """Blocks from a checkpoint go straight to the writer; returns the first block to denoise."""
         t = self.clock()
-        saved = self.checkpoint.load()
+        saved = self.checkpoint.load() if self.checkpoint is not None else None
         if saved is None:
             return 0
         self._set(phase="resuming", block=saved.blocks_done)
@@ -188,7 +192,8 @@ class VideoScheduler:
                 self._block_started = self.clock()
         self.timings.denoise_s += out.seconds
         t = self.clock()
-        self.checkpoint.save(block, out.latents)  # the ranks have saved their states: commit the block
+        if self.checkpoint is not None:
+            self.checkpoint.save(block, out.latents)  # the ranks have saved their states: commit the block
         self.timings.checkpoint_s += out.state_s + self.clock() - t
         self._write(out.latents)
         tokens = (block + 1 - self.result.resumed_blocks) * self.result.tokens // self.blocks

@@ -99,10 +99,11 @@ class Worker:
         return self.device
 
     def join_group(self, rendezvous) -> int:
-        """`rendezvous` is this rank's pipeline.parallel.groups.Rendezvous."""
-        from pipeline.parallel.groups import init_group
+        """`rendezvous` is this rank's pipeline.parallel.groups.Rendezvous; None: a group of one, which
+        needs no process group at all."""
+        from pipeline.parallel.groups import ParallelContext, init_group
 
-        self.ctx = init_group(rendezvous, self.device)
+        self.ctx = ParallelContext.single(self.device) if rendezvous is None else init_group(rendezvous, self.device)
         return self.ctx.rank
 
     def load_model(self) -> None:
