@@ -18,6 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.errors import REMOTE_ERRORS, remote_error
+from actors.group import WorkerGroup
 from actors.scheduler import Scheduler
 from pipeline.manifest import VideoEntry
 from pipeline.runtime.progress import Progress, ProgressDisplay, finished
@@ -38,9 +39,9 @@ def worker_gpus(cfg) -> float:
 
 
 def group_capacity(cfg, gpus: float) -> int:
-    """How many groups of parallel.degree workers the alive nodes hold at once (STRICT_PACK: per node)."""
-    cpus = cfg.cluster.cpus_per_worker
-    need = {"CPU": cpus * cfg.parallel.degree + (cpus or 1.0), "GPU": gpus * cfg.parallel.degree}  # + the writer
+    """How many worker groups (workers and writer) the alive nodes hold at once (STRICT_PACK: per node)."""
+    bundles = WorkerGroup(cfg, gpus_per_worker=gpus).bundles()
+    need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
     total = 0
     for node in ray.nodes():
         if node.get("Alive"):
