@@ -148,6 +148,8 @@ class WorkerGroup:
             self.placements = [placements[i] for i in order]
             self._gather([w.set_device.remote(*d) for w, d in zip(self.workers, self.device_plan())])
             writer_ready = self._load_writer(writer) if writer is not None else []
+            if self.load_model:
+                self._gather([self.workers[0].fetch_weights.remote()])
             if self.size == 1:
                 self._gather([self.workers[0].join_group.remote(None)])
             else:

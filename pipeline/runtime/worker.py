@@ -5,7 +5,8 @@ WorkerGroup, so that nothing touches CUDA before the device is chosen:
     1. set_device(visible_devices, index)   CUDA_VISIBLE_DEVICES for the node's group GPUs, then the
                                             rank's own device (before the process group: NCCL binds
                                             its communicator to it)
-    2. join_group(rendezvous)               torch.distributed over gloo (CPU) or NCCL (GPU)
+    2. join_group(rendezvous)               torch.distributed over gloo (CPU) or NCCL (GPU); rank 0
+                                            first builds random-weight presets (fetch_weights)
     3. load_model()                         weights, attention methods, context parallelism
 Then `denoise_block` runs in lockstep on every rank; `ping` and `check_group` are health checks.
 
@@ -97,6 +98,15 @@ class Worker:
     def set_device(self, visible_devices: str | None, index: int | None) -> str:
         self.device = select_device(visible_devices, index)
         return self.device
+
+    def fetch_weights(self) -> str:
+        """Random-weight presets: build and save the weights now, before the process group exists
+        (transformers' save_pretrained writes nothing on ranks > 0 once torch.distributed is up)."""
+        if self.cfg.model.path:
+            return self.cfg.model.path
+        from pipeline.models.random_weights import random_weights_dir
+
+        return str(random_weights_dir(self.cfg.model))
 
     def join_group(self, rendezvous) -> int:
         """`rendezvous` is this rank's pipeline.parallel.groups.Rendezvous; None: a group of one, which
