@@ -199,6 +199,12 @@ def test_smoke_run_resumes_and_installs_weights_the_loader_takes(tmp_path):
     assert second["state"]["segment"] == 1 and second["state"]["dit_step"] == 3
     assert {n: t["steps"] for n, t in second["twins"].items()} == {"dense": 3, "moga": 3}
 
+    reopened = Trainer(TrainConfig(**{**TrainConfig.smoke_defaults(), "out": str(tmp_path / "run3"),
+                                      "resume": str(tmp_path / "run2"), "reopen_vae": True, "vae_steps": 2,
+                                      "dit_steps": 1, "shot_cycle": (1,), "val_videos": 0})).run()
+    assert reopened["state"]["vae_step"] == 2 and reopened["state"]["dit_step"] == 1  # DiTs started over
+    assert {t["steps"] for t in reopened["twins"].values()} == {1}
+
     lines = install_weights(tmp_path / "run2" / "weights.tar", tmp_path / "weights")
     assert len(lines) == 2
     with tarfile.open(tmp_path / "run2" / "weights.tar") as tar:

@@ -66,6 +66,7 @@ SMOKE_ARCHITECTURE = {
 class TrainConfig:
     out: str = "outputs/train-tiny"
     resume: str = ""  # a previous run's --out (its summary.json and ckpt-*.pt)
+    reopen_vae: bool = False  # with --resume: train the VAE on (to --vae-seconds in all), DiTs start over
     preset: str = "tiny-trained"  # configs/models/<preset>.yaml: architecture and text length
     twins: tuple[str, ...] = ("dense", "moga")
     seed: int = 0
@@ -83,7 +84,7 @@ class TrainConfig:
     vae_seconds: float = 200.0
     vae_batch: int = 16
     vae_clip_seconds: float = 1.0  # two shots of this length per clip (a cut inside every clip)
-    vae_lr: float = 4e-4
+    vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4
     vae_ema: float = 0.999
     moment_batches: int = 8
@@ -497,13 +498,17 @@ class Trainer:
                 raise ValueError(f"--resume: {key} was {before!r} in {directory}, this run has {now!r}")
         self.state.update(summary["state"])
         self.history = summary.get("history", self.history)
+        if self.cfg.reopen_vae:  # the latent space will change: nothing of the DiTs carries over
+            self.state.update(vae_done=False, dit_step=0, dit_batches=0, dit_seconds=0.0, latent_mean=None,
+                              latent_std=None)
+            self.history["dit"] = []
         vae = torch.load(directory / "ckpt-vae.pt", map_location="cpu", weights_only=False)
         self.vae.load_state_dict(vae["weights"])
         self.vae_ema.load_state(vae["ema"])
         if self.state["vae_done"]:
             set_latent_moments(self.vae, self.state["latent_mean"], self.state["latent_std"])
             self.vae.eval().requires_grad_(False)
-        for name in self.cfg.twins:
+        for name in () if self.cfg.reopen_vae else self.cfg.twins:
             path = directory / f"ckpt-{name}.pt"
             if path.is_file():
                 self.resume_twins[name] = torch.load(path, map_location="cpu", weights_only=False)
