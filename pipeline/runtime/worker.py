@@ -72,6 +72,8 @@ def select_device(visible_devices: str | None, index: int | None) -> str:
         return "cpu"
     import torch
 
+    if torch.cuda.is_initialized():  # CUDA reads CUDA_VISIBLE_DEVICES once, when it starts
+        raise RuntimeError("select_device: CUDA started in this process before its devices were chosen")
     os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     torch.cuda.set_device(index)
     return f"cuda:{index}"
