@@ -31,6 +31,9 @@ class ConfigError(ValueError):
         self.key, self.value, self.reason = key, value, reason
         super().__init__(f"{key}: {reason} (got {value!r})")
 
+    def __reduce__(self):  # pickle (Ray) rebuilds from the constructor's arguments, not from args
+        return type(self), (self.key, self.value, self.reason), self.__dict__
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. Schema

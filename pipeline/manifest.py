@@ -44,6 +44,9 @@ class ManifestError(ConfigError):
         self.source, self.line = source, line
         self.args = (f"{source}:{line}: {key}: {reason} (got {value!r})",)
 
+    def __reduce__(self):
+        return type(self), (self.source, self.line, self.key, self.value, self.reason), self.__dict__
+
     def __str__(self) -> str:
         return self.args[0]
 

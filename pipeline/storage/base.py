@@ -23,10 +23,16 @@ class StorageError(Exception):
         self.uri, self.reason = uri, reason
         super().__init__(f"{uri}: {reason}")
 
+    def __reduce__(self):  # pickle (Ray) rebuilds from the constructor's arguments, not from args
+        return type(self), (self.uri, self.reason), self.__dict__
+
 
 class ObjectNotFound(StorageError):
     def __init__(self, uri: str):
         super().__init__(uri, "no such object")
+
+    def __reduce__(self):
+        return type(self), (self.uri,), self.__dict__
 
 
 _BAD_SEGMENT = re.compile(r"^(|\.|\.\.)$")
