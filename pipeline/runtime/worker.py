@@ -126,7 +126,7 @@ class Worker:
         if self.ctx.world > 1:
             from pipeline.parallel import parallelize
 
-            self.run_model = parallelize(self.adapter, self.ctx)
+            self.run_model = parallelize(self.adapter, self.ctx, ring=self.cfg.parallel.ring)
 
     # --- work -------------------------------------------------------------------------------------
     def denoise_block(self, cfg, block: int, restore: bool) -> RankOutput:
