@@ -326,6 +326,28 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
     _check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
 
 
+def _transformer_int(m: ModelConfig, key: str) -> int:
+    """model.architecture.transformer[key] (random-weight presets, and presets that describe their
+    shipped weights); 0 when only the weights know. Heads the config cannot know are checked when the
+    model is parallelized (pipeline.parallel.ulysses.check_heads)."""
+    value = (m.architecture.get("transformer") or {}).get(key)
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def _shards_heads(cfg: Config) -> bool:
+    """Whether some layer's attention needs heads % parallel.degree == 0 (pipeline.parallel.dit's
+    parallel_attention): all but linear attention (its state crosses ranks, not heads) and, with
+    parallel.ring, dense layers (ring attention)."""
+    from pipeline.attention import METHODS
+
+    a = cfg.attention
+    layers = _transformer_int(cfg.model, "num_layers")
+    all_dense = layers > 0 and set(range(layers)) <= set(a.dense_layers)
+    methods = {"dense"} if all_dense else {a.method, *(["dense"] if a.dense_layers else [])}
+    return any(METHODS[name].cp_strategy != "state" and not (cfg.parallel.ring and name == "dense")
+               for name in methods)
+
+
 def validate(cfg: Config) -> None:
     from pipeline.attention import method_names  # the registry knows the methods
 
@@ -389,6 +411,12 @@ def validate(cfg: Config) -> None:
     p = cfg.parallel
     _check(p.degree >= 1, "parallel.degree", p.degree, "must be >= 1")
     _one_of("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+    heads = _transformer_int(m, "num_attention_heads")
+    if p.degree > 1 and heads and heads % p.degree and _shards_heads(cfg):
+        divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+        ring = " or parallel.ring=true" if a.method == "dense" and not p.ring else ""
+        raise ConfigError("parallel.degree", p.degree, f"must divide the model's {heads} attention heads "
+                          f"(Ulysses shards heads over ranks; use one of {divisors}{ring})")
     if s.mode == "block" and m.family == "sana":  # the carried Mix-FFN conv tail needs a block's frames on one rank
         _check(p.degree == 1, "parallel.degree", p.degree,
                "sampling.mode=block on SANA-Video carries its temporal-conv tail on one rank: use parallel.degree=1 "

@@ -24,6 +24,7 @@ def test_every_shipped_config_validates():
         key = {"models": "model"}.get(group, group)
         for name in preset_names(key):
             extra = ["attention=linear"] if key == "model" and "sana" in name else []
+            extra += ["parallel.ring=true"] if key == "parallel" else []  # cp8 over the demo's 4 heads
             load_config(DEMO, [f"{key}={name}", *extra])
     for example in (CONFIG_DIR / "examples").glob("*.yaml"):
         load_config(example)

@@ -44,8 +44,8 @@ def test_two_groups_rank_order_and_a_rebuild_beside_an_undisturbed_group(ray_clu
 
 
 def test_waiting_for_resources_times_out_with_what_to_change(ray_cluster):
-    cfg = load_config(None, ["parallel.degree=64", "cluster.gpus_per_worker=0", "cluster.cpus_per_worker=1",
-                             "cluster.resource_timeout_s=1"])
+    cfg = load_config(None, ["parallel.degree=64", "parallel.ring=true",  # 64 ranks over tiny-wan's 4 heads
+                             "cluster.gpus_per_worker=0", "cluster.cpus_per_worker=1", "cluster.resource_timeout_s=1"])
     group = WorkerGroup(cfg, name="big", load_model=False)
     with pytest.raises(ResourceTimeout) as e:
         group.start()
