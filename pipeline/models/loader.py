@@ -26,6 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TRANSFORMERS = {"wan": "WanTransformer3DModel", "sana": "SanaVideoTransformer3DModel"}
 DEFAULT_TEXT_ENCODERS = {"wan": "UMT5EncoderModel", "sana": "Gemma2Model"}
 SUPPORTED_VAES = ("AutoencoderKLWan",)
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # holds pipeline/: the repo, or site-packages
 
 
 @dataclass
@@ -49,6 +50,16 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def shipped_path(path: str) -> str:
+    """model.path, or PACKAGE_ROOT/path when it is a relative directory found only there: presets of the
+    weights shipped with the package (pipeline/models/weights/...) name them relative to the repo, and
+    must load from a wheel install or a Ray worker whatever its working directory. Hub ids pass."""
+    if os.path.isabs(path) or path.startswith(("~", ".")) or os.path.exists(path):
+        return path
+    shipped = PACKAGE_ROOT / path
+    return str(shipped) if shipped.is_dir() else path
 
 
 def _is_local(source: str) -> bool:
@@ -151,7 +162,7 @@ def load_model(model_cfg, device: torch.device | str | None = None, dtype: torch
     device = resolve_device(model_cfg.device if device is None else device)
     dtype = DTYPES[model_cfg.dtype] if dtype is None else dtype
     vae_dtype = DTYPES[model_cfg.vae_dtype]
-    source = model_cfg.path or str(random_weights_dir(model_cfg))
+    source = shipped_path(model_cfg.path) if model_cfg.path else str(random_weights_dir(model_cfg))
     local = _is_local(source)
     if local and not Path(os.path.expanduser(source)).is_dir():
         raise ConfigError("model.path", source, "no such directory (expected a directory in diffusers layout "
