@@ -68,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         return 0
 
+    import torch
+
     from pipeline.training.trainer import TrainConfig, train
 
+    # A process policy, so it is set by the entry point: fp32 matmuls and convs (outside bf16
+    # autocast) may use TF32. No cudnn.benchmark: autotuning every VAE conv shape eats the budget.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     values = {**(TrainConfig.smoke_defaults() if given.get("smoke") else {}), **given}
     summary = train(TrainConfig(**values), STARTED)

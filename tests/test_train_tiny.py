@@ -149,6 +149,22 @@ def test_twin_overfits_a_fixed_batch(name):
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
 
 
+def test_vae_trains_on_the_decoder_output_before_the_clamp_and_starts_narrow():
+    from pipeline.training.vae import INITIAL_LOGVAR, build_vae, decode_unclamped
+
+    torch.manual_seed(0)
+    vae = build_vae(SMOKE_ARCHITECTURE["vae"])
+    video = to_video(draw(plan_batch(0, [(1, 1, 0, 0)], 1, 1.0, 4, 32, 32, 0.3, 8), "cpu"))
+    posterior = vae.encode(video).latent_dist
+    assert torch.allclose(posterior.logvar, torch.full_like(posterior.logvar, INITIAL_LOGVAR), atol=0.5)
+    with torch.no_grad():  # a louder output conv drives the raw output past [-1, 1]
+        vae.decoder.conv_out.weight.mul_(20.0)
+    z = torch.randn_like(posterior.mean)
+    raw = decode_unclamped(vae, z)
+    assert raw.abs().max() > 1.0
+    assert torch.equal(raw.clamp(-1.0, 1.0), vae.decode(z).sample)
+
+
 def test_vae_reconstruction_improves_on_a_fixed_clip():
     from pipeline.training.vae import build_vae, reconstruction_loss
 

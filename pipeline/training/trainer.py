@@ -220,9 +220,6 @@ class Trainer:
 
         self.device = resolve_device(cfg.device)
         self.cuda = self.device.type == "cuda"
-        if self.cuda:  # (no cudnn.benchmark: autotuning every VAE conv shape would eat the budget)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         self.model = _model_dict(cfg)
         self.architecture = self.model["architecture"]
         self.text_length = int(self.model["text_max_length"])

@@ -17,10 +17,23 @@ import torch
 from pipeline.video.decode import latent_scale
 
 
+# Initial posterior log-variance. At diffusers' default init the encoder's means have std ~0.16
+# while the posterior std is ~1, so the decoder sees noise, learns to output the mean colour, and
+# waits hundreds of steps for logvar to fall (the second GPU run sat at L1 1.0 for 400 steps).
+# Starting at std e^-4 ~ 0.018 makes it an autoencoder from step one; the KL term (weight 1e-4)
+# lets the variance grow back where the decoder tolerates it.
+INITIAL_LOGVAR = -8.0
+
+
 def build_vae(architecture: dict):
+    """A freshly initialised AutoencoderKLWan whose posterior starts narrow (INITIAL_LOGVAR)."""
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(**architecture)
+    vae = AutoencoderKLWan(**architecture)
+    z_dim = vae.config.z_dim
+    with torch.no_grad():  # quant_conv's output is [mu (z_dim), logvar (z_dim)]
+        vae.quant_conv.bias[z_dim:] = INITIAL_LOGVAR
+    return vae
 
 
 def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float,
@@ -29,12 +42,34 @@ def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float,
     posterior = vae.encode(video).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator,
                                                      device=video.device, dtype=posterior.mean.dtype)
-    recon = vae.decode(z).sample  # (B, 3, F, H, W), clamped to [-1, 1] by diffusers
+    recon = decode_unclamped(vae, z)  # (B, 3, F, H, W)
     l1 = (recon.float() - video.float()).abs().mean()
     kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
-    mse = ((recon.float() - video.float()) ** 2).mean().detach()
+    mse = ((recon.float().clamp(-1.0, 1.0) - video.float()) ** 2).mean().detach()
     psnr = float(10 * torch.log10(4.0 / mse.clamp(min=1e-10)))  # peak-to-peak 2 in [-1, 1]
     return l1 + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach()), "psnr": psnr}
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """vae.decode(z).sample before diffusers' final clamp to [-1, 1] (same graph otherwise).
+
+    Training must see this: the clamp passes no gradient outside [-1, 1], and flat-colour targets
+    sit exactly at -1 or 1, so a pixel that overshoots on the wrong side never comes back (the first
+    GPU run stalled at L1 1.0 within 100 steps). Wan's decode runs `vae.decoder` once per latent
+    frame; a forward hook collects those outputs (tests/test_train_tiny.py checks the clamp of
+    this equals vae.decode)."""
+    if vae.config.patch_size is not None or getattr(vae, "use_tiling", False):
+        raise ValueError("decode_unclamped: patched or tiled Wan VAEs decode in another order")
+    outputs: list[torch.Tensor] = []
+    handle = vae.decoder.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+    try:
+        clamped = vae.decode(z).sample
+    finally:
+        handle.remove()
+    raw = torch.cat(outputs, dim=2)
+    if raw.shape != clamped.shape:
+        raise RuntimeError(f"decode_unclamped: decoder outputs {tuple(raw.shape)} != decode {tuple(clamped.shape)}")
+    return raw
 
 
 @torch.no_grad()
