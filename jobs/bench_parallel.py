@@ -11,6 +11,12 @@ stock model with the same weights, in the same run, as the peer. Prints one row 
 tokens, P): seconds per step (median of --repeats after --warmup), peak memory per GPU (max over
 ranks, weights included), speed-up over our P=1, and diffusers CP's time over ours (> 1: faster
 than the peer). Writes bench_parallel.json and bench_parallel.md to --out.
+
+On CUDA, when --methods names a method whose cuDNN shapes follow the routing (moga, moga+stga), every
+process sets TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 at its start unless the environment sets it
+(pipeline/attention/cudnn_env.py); torch reads it once per process, so dense rows and the peer's
+cuDNN calls in the same run have it too. The table's header line says which it was; for dense and
+peer rows without it, run `--methods dense` apart (or with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=0).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pipeline.attention import AttentionMeta, method_names
+from pipeline.attention.cudnn_env import AVOID_RECOMPILE, avoid_recompile_wanted, use_avoid_recompile
 from pipeline.config import AttentionConfig
 from pipeline.layout import VideoLayout
 from pipeline.parallel import ParallelContext, Rendezvous, init_group, parallelize
@@ -56,6 +63,22 @@ def parse(argv=None):
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' Ulysses CP (the peer)")
     p.add_argument("--timeout-s", type=float, default=1800.0)
     return p.parse_args(argv)
+
+
+def cudnn_env(args) -> str:
+    """Before any CUDA work: TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 when a requested method wants it on
+    this device, unless the environment sets it. Returns the line the table's header prints."""
+    given = os.environ.get(AVOID_RECOMPILE)
+    methods = [m for m in args.methods.split(",") if m in method_names()]
+    for method in methods:
+        use_avoid_recompile(attention_cfg(method), args.device)
+    value = os.environ.get(AVOID_RECOMPILE)
+    if value is None:
+        return f"{AVOID_RECOMPILE} unset"
+    wanting = ", ".join(m for m in methods if avoid_recompile_wanted(attention_cfg(m)))
+    source = "from the environment" if given is not None else f"set for {wanting}"
+    scope = "; every cuDNN SDPA call of the run has it, dense and the peer's included" if value == "1" else ""
+    return f"{AVOID_RECOMPILE}={value} ({source}{scope})"
 
 
 def join(args) -> tuple[ParallelContext, torch.device]:
@@ -142,6 +165,7 @@ def inputs(grid, arch, device, dtype):
 @torch.no_grad()
 def main(argv=None) -> int:
     args = parse(argv)
+    cudnn = cudnn_env(args)  # before join: nothing may touch cuDNN first
     ctx, device = join(args)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     arch = TINY_WAN if args.tiny else WAN_1_3B
@@ -174,7 +198,7 @@ def main(argv=None) -> int:
         rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say, one_gpu)
     if ctx.rank == 0:
         report(rows, Path(args.out), dict(world=world, device=str(device), dtype=str(dtype), tiny=args.tiny,
-                                          repeats=args.repeats, warmup=args.warmup,
+                                          repeats=args.repeats, warmup=args.warmup, cudnn_sdpa=cudnn,
                                           gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"))
     if world > 1:
         dist.destroy_process_group()
@@ -221,7 +245,8 @@ def report(rows: list[dict], out: Path, setup: dict) -> None:
               fmt(r["speedup_vs_p1"], ".2f"), fmt(r["diffusers_cp_over_ours"], ".2f"),
               fmt(r["rel_err_vs_p1"] if r["P"] > 1 else None, ".1e")] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    print("\n" + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print(f"\n{setup['cudnn_sdpa']}")
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for line in lines:
         print("  ".join(x.ljust(w) for x, w in zip(line, widths)))
     out.mkdir(parents=True, exist_ok=True)

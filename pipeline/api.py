@@ -28,10 +28,15 @@ class Pipeline:
     """Load a model once, generate videos with it (one process; P = 1)."""
 
     def __init__(self, cfg: Config):
+        from pipeline.attention.cudnn_env import use_avoid_recompile
         from pipeline.models import build_adapter, load_model
+        from pipeline.models.loader import resolve_device
 
         t0 = time.perf_counter()
         self.cfg = cfg
+        # TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 for routed methods on CUDA, unless already set: torch reads
+        # it at this process's first cuDNN SDPA call, so before anything is built (attention/cudnn_env.py)
+        use_avoid_recompile(cfg.attention, resolve_device(cfg.model.device))
         self.bundle = load_model(cfg.model)
         self.adapter = build_adapter(self.bundle, cfg.attention)
         self.load_s = time.perf_counter() - t0

@@ -70,6 +70,9 @@ class AttentionMethod:
     # True: q and k arrive un-rotated and meta.rope holds the rotation (linear attention applies
     # RoPE after its ReLU feature map). False: the caller rotates q and k before forward.
     applies_rope: ClassVar[bool] = False
+    # True: its cuDNN SDPA calls take sequence lengths that follow the data (MoGA's group sizes change
+    # every layer and step), so each can miss cuDNN's plan cache; see attention/cudnn_env.py.
+    cudnn_shapes_follow_data: ClassVar[bool] = False
 
     def __init__(self, cfg: "AttentionConfig", backend: "AttentionBackend"):
         self.cfg = cfg

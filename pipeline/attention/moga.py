@@ -144,6 +144,7 @@ def gated(o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 class MoGAAttention(AttentionMethod):
     name = "moga"
     needs_routing = True
+    cudnn_shapes_follow_data = True  # one dense call per group: lengths follow the router
 
     def forward(self, q, k, v, meta: AttentionMeta):
         routing = check_routing(meta, q.shape, self.name)

@@ -83,6 +83,7 @@ def window_minus_group(backend, q, k, v, windows: StgaWindows, groups: torch.Ten
 class MogaStgaAttention(AttentionMethod):
     name = "moga+stga"
     needs_routing = True
+    cudnn_shapes_follow_data = True  # dense calls per group and per cell: lengths follow the router
 
     def windows(self, layout, device: torch.device | str = "cpu") -> StgaWindows:
         return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots, device)
