@@ -117,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
 
     weights = Path(args.weights) if args.weights else WEIGHTS_DIR
     wanted = args.methods.split(",")
+    from pipeline.attention.cudnn_env import use_avoid_recompile
+    from pipeline.models.loader import resolve_device
+
+    # torch reads TORCH_CUDNN_SDPA_AVOID_RECOMPILE once, at the first cuDNN attention call of the
+    # process, which the dense row would make: settle it for the routed rows first.
+    for row, _, attention in METHODS:
+        if row in wanted:
+            cfg = load_config(None, [*attention, *args.overrides])
+            use_avoid_recompile(cfg.attention, resolve_device(cfg.model.device))
     for row, preset, attention in METHODS:
         if row in wanted:
             model = [f"model={preset}", f"model.path={weights / preset}"]
