@@ -335,17 +335,16 @@ def _transformer_int(m: ModelConfig, key: str) -> int:
 
 
 def _shards_heads(cfg: Config) -> bool:
-    """Whether some layer's attention needs heads % parallel.degree == 0 (pipeline.parallel.dit's
-    parallel_attention): all but linear attention (its state crosses ranks, not heads) and, with
-    parallel.ring, dense layers (ring attention)."""
+    """Whether some layer's attention needs heads % parallel.degree == 0 (attention.base.shards_heads,
+    the rule pipeline.parallel.dit wraps layers by)."""
     from pipeline.attention import METHODS
+    from pipeline.attention.base import shards_heads
 
     a = cfg.attention
     layers = _transformer_int(cfg.model, "num_layers")
     all_dense = layers > 0 and set(range(layers)) <= set(a.dense_layers)
     methods = {"dense"} if all_dense else {a.method, *(["dense"] if a.dense_layers else [])}
-    return any(METHODS[name].cp_strategy != "state" and not (cfg.parallel.ring and name == "dense")
-               for name in methods)
+    return any(shards_heads(METHODS[name], cfg.parallel.ring) for name in methods)
 
 
 def validate(cfg: Config) -> None:

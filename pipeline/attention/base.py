@@ -94,3 +94,11 @@ class AttentionMethod:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend.name})"
+
+
+def shards_heads(fn, ring: bool) -> bool:
+    """Whether context parallelism splits the heads of `fn` (a registry method, its class, or a
+    wrapper with the same flags) over the ranks (Ulysses), so that parallel.degree must divide them:
+    all but the state strategy and, with parallel.ring, dense (ring attention). The config's check
+    and pipeline.parallel.dit's wrapping both ask this."""
+    return fn.cp_strategy != "state" and not (ring and fn.name == "dense")

@@ -24,6 +24,7 @@ from dataclasses import replace
 import torch
 
 from pipeline.attention import AttentionMeta, StateSlot
+from pipeline.attention.base import shards_heads
 from pipeline.layout import VideoLayout
 from pipeline.models.adapter import DiTAdapter, Tokens
 from pipeline.parallel.groups import ParallelContext
@@ -48,7 +49,7 @@ def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ri
         return fn
     if fn.cp_strategy == "state":
         return StateParallelAttention(fn, ctx, by_frames)
-    if heads % ctx.world and ring and fn.name == "dense":
+    if heads % ctx.world and not shards_heads(fn, ring):
         return RingAttention(fn, ctx)
     check_heads(heads, ctx.world)
     return UlyssesAttention(fn, ctx, chunks)
