@@ -77,7 +77,7 @@ class Twin:
 
     # --- training ------------------------------------------------------------------------------
     def loss(self, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, input_ids: torch.Tensor,
-             text_mask: torch.Tensor, layout: VideoLayout) -> tuple[torch.Tensor, dict[str, float]]:
+             text_mask: torch.Tensor, layout: VideoLayout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """latents, noise (B, C, T, h, w); sigma (B,); ids, mask (B, S, L) -> (loss, parts)."""
         s = sigma.view(-1, 1, 1, 1, 1)
         x_t = (1.0 - s) * latents + s * noise
@@ -85,10 +85,13 @@ class Twin:
         pred = self.adapter(x_t, sigma * 1000.0, text, layout)  # (B, C, T, h, w) velocity
         flow = F.mse_loss(pred.float(), (noise - latents).float())
         balance = torch.stack(self.adapter.aux_losses).sum() if self.adapter.aux_losses else flow.new_zeros(())
-        return flow + balance, {"flow": float(flow.detach()), "balance": float(balance.detach())}
+        # Detached tensors, not floats: a float() per step would wait for the GPU each time and stop
+        # the host from queueing the next twin's kernels while this one's run (the step is launch-bound).
+        return flow + balance, {"flow": flow.detach(), "balance": balance.detach()}
 
-    def step(self, loss: torch.Tensor, lr: float) -> float:
-        """Backward, clip, AdamW step at `lr`, EMA update; returns the gradient norm before clipping."""
+    def step(self, loss: torch.Tensor, lr: float) -> torch.Tensor:
+        """Backward, clip, AdamW step at `lr`, EMA update; returns the gradient norm before clipping
+        (a 0-d tensor on the device: reading it is the caller's sync)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.modules.parameters(), self.grad_clip)
@@ -97,7 +100,7 @@ class Twin:
         self.optimizer.step()
         self.ema.update()
         self.steps += 1
-        return float(norm)
+        return norm.detach()
 
     # --- weights -------------------------------------------------------------------------------
     def state(self) -> dict:

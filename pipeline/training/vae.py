@@ -37,7 +37,7 @@ def build_vae(architecture: dict):
 
 
 def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """video (B, 3, F, H, W) in [-1, 1] -> (loss, {l1, kl, psnr}) for one reconstruction."""
     posterior = vae.encode(video).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator,
@@ -46,8 +46,9 @@ def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float,
     l1 = (recon.float() - video.float()).abs().mean()
     kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
     mse = ((recon.float().clamp(-1.0, 1.0) - video.float()) ** 2).mean().detach()
-    psnr = float(10 * torch.log10(4.0 / mse.clamp(min=1e-10)))  # peak-to-peak 2 in [-1, 1]
-    return l1 + kl_weight * kl, {"l1": float(l1.detach()), "kl": float(kl.detach()), "psnr": psnr}
+    psnr = 10 * torch.log10(4.0 / mse.clamp(min=1e-10))  # peak-to-peak 2 in [-1, 1]
+    # Parts stay 0-d device tensors (no sync per step); the trainer reads them when it logs.
+    return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach(), "psnr": psnr}
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
