@@ -231,8 +231,40 @@ def time_ms(run: Callable[[], torch.Tensor], device: torch.device, warmup: int, 
     return statistics.median(times)
 
 
+def kernel_profile(run: Callable[[], torch.Tensor], device: torch.device, top: int = 12) -> str:
+    """One more call under torch.profiler: where its time goes, kernel by kernel (--profile; on the
+    CPU, operator by operator). On CUDA the last line compares the kernels' summed time with the
+    call's wall time: the difference is time the GPU waited for the host (launches, a .tolist()
+    sync) or ran nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    if cuda:
+        by_name: dict[str, tuple[int, float]] = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                count, ms = by_name.get(e.name, (0, 0.0))
+                by_name[e.name] = (count + 1, ms + e.device_time_total / 1e3)
+    else:
+        by_name = {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()}
+    busy = sum(ms for _, ms in by_name.values())
+    lines = [f"    {'kernel' if cuda else 'operator':<90} {'calls':>5} {'ms':>8} {'share':>6}"]
+    for name, (count, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"    {name[:90]:<90} {count:5d} {ms:8.3f} {ms / max(busy, 1e-9):6.1%}")
+    if cuda:
+        lines.append(f"    kernels {busy:.3f} ms of {wall_ms:.3f} ms wall ({sum(c for c, _ in by_name.values())} "
+                     f"kernels): {wall_ms - busy:.3f} ms without a kernel running")
+    return "\n".join(lines)
+
+
 def bench(sizes: list[int], heads: int, dim: int, device: torch.device, dtype, warmup: int, repeats: int,
-          only: set[str] | None) -> list[dict]:
+          only: set[str] | None, profile: bool = False) -> list[dict]:
     rows = []
     for size in sizes:
         try:
@@ -264,6 +296,9 @@ def bench(sizes: list[int], heads: int, dim: int, device: torch.device, dtype, w
                 row["of_ideal"] = row["speedup"] * density
             rows.append(row)
             print(format_row(row), flush=True)
+            if profile:
+                with torch.inference_mode():
+                    print(kernel_profile(case.run, device), flush=True)
     return rows
 
 
@@ -371,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="", help=f"only these methods (comma-separated: {', '.join(METHODS)})")
     p.add_argument("--out", default="", help="directory for bench_attention.json and bench_attention.md")
     p.add_argument("--check", action="store_true", help="max error of every method vs its reference (CPU)")
+    p.add_argument("--profile", action="store_true", help="after each row, its kernels under torch.profiler")
     args = p.parse_args(argv)
 
     if args.check:
@@ -399,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                f"after {warmup} warm-up")
     print(context)
     print(header())
-    rows = bench(sizes, args.heads, args.head_dim, device, dtype, warmup, repeats, only)
+    rows = bench(sizes, args.heads, args.head_dim, device, dtype, warmup, repeats, only, args.profile)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
