@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     values = {**(TrainConfig.smoke_defaults() if given.get("smoke") else {}), **given}
-    summary = train(TrainConfig(**values), STARTED)
+    try:
+        cfg = TrainConfig(**values)
+    except ValueError as e:
+        print(f"train_tiny: {e}", file=sys.stderr)
+        return 2
+    summary = train(cfg, STARTED)
     state = summary["state"]
     print(f"vae_steps={state['vae_step']} dit_steps={state['dit_step']} dropped={list(summary['dropped'])} "
           f"scores={ {k: v['mean'] for k, v in summary['scores'].items() if isinstance(v, dict) and 'mean' in v} }")

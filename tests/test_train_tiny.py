@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training.data import SceneStream, draw, paraphrase, plan_batch, scene_loader, to_video
+from pipeline.training.data import SceneStream, draw, paraphrase, plan_batch, random_crops, scene_loader, to_video
 from pipeline.training.text import ByteTokenizer, UMT5Encoder, save_text_encoder
 from pipeline.training.trainer import SMOKE_ARCHITECTURE, TrainConfig, Trainer, shot_layout
 
@@ -64,6 +64,23 @@ def test_draw_reproduces_sample_video():
         assert batch.captions[i] == captions
     video = to_video(torch.from_numpy(frames))
     assert video.shape == (3, 3, 17, 48, 32) and video.min() >= -1 and video.max() <= 1
+
+
+def test_random_crops_are_aligned_windows_of_each_clip():
+    video = torch.randn(6, 3, 5, 48, 40)
+    crops = random_crops(video, 16, torch.Generator().manual_seed(0))
+    assert crops.shape == (6, 3, 5, 16, 16)
+    corners = set()
+    for i in range(6):  # each crop is exactly one 8-aligned window of its own clip
+        found = [(y, x) for y in range(0, 33, 8) for x in range(0, 25, 8)
+                 if torch.equal(crops[i], video[i, :, :, y:y + 16, x:x + 16])]
+        assert len(found) == 1
+        corners.add(found[0])
+    assert len(corners) > 1  # the windows differ between clips
+    with pytest.raises(ValueError, match="vae_crop: 12 must be a multiple of 8"):
+        random_crops(video, 12, torch.Generator())
+    with pytest.raises(ValueError, match="vae_crop: 48 must be"):
+        random_crops(video, 48, torch.Generator())
 
 
 def test_paraphrases_keep_the_meaning():
@@ -274,3 +291,14 @@ def test_shipped_model_loads_and_generates(tmp_path):
     denoiser = Denoiser(adapter, bundle, cfg)
     frames = StreamingDecoder(bundle.vae).decode(denoiser.denoise_block(plan, plan.blocks[0]))
     assert frames.shape == (plan.pixel_frames, 64, 64, 3) and frames.dtype == np.uint8
+
+
+def test_bad_training_options_fail_in_one_line_before_anything_runs(tmp_path, capsys):
+    from jobs.train_tiny import main
+
+    out = tmp_path / "never"
+    assert main(["train", "--vae-crop", "60", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "train_tiny: vae_crop: 60 must be 0 or a multiple of 8 up to 128"
+    assert main(["train", "--refresh-videos", "0", "--out", str(out)]) == 2
+    assert "refresh_videos / refresh_every: 0 / 2" in capsys.readouterr().err
+    assert not out.exists()

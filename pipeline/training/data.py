@@ -144,6 +144,26 @@ def to_video(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return frames.permute(0, 4, 1, 2, 3).to(dtype) / 127.5 - 1.0
 
 
+def random_crops(video: torch.Tensor, size: int, generator: torch.Generator, align: int = 8) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B, C, F, size, size): one random window per clip, its corner on a multiple
+    of `align` (the VAE's spatial factor, so crops keep the full frame's alignment to latent cells).
+
+    The VAE is convolutional (its one attention block works per latent frame at any size), so it
+    trains on crops and runs on whole frames: a 64x64 crop of 128x128 clips costs a quarter of the
+    pixels per clip. `generator` is a CPU generator: the offsets never wait for the device."""
+    b, _, _, h, w = video.shape
+    if size % align or not 0 < size <= min(h, w):
+        raise ValueError(f"vae_crop: {size} must be a multiple of {align} in (0, {min(h, w)}]")
+    oy = torch.randint((h - size) // align + 1, (b,), generator=generator) * align
+    ox = torch.randint((w - size) // align + 1, (b,), generator=generator) * align
+    steps = torch.arange(size)
+    rows = (oy[:, None] + steps).to(video.device)  # (B, size)
+    cols = (ox[:, None] + steps).to(video.device)
+    batch = torch.arange(b, device=video.device)[:, None, None]
+    crops = video.permute(0, 3, 4, 1, 2)[batch, rows[:, :, None], cols[:, None, :]]  # (B, size, size, C, F)
+    return crops.permute(0, 3, 4, 1, 2).contiguous()
+
+
 class SceneStream(IterableDataset):
     """Endless SceneBatches: batch k has cycle[k % len(cycle)] shots of `seconds` each."""
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.layout import VideoLayout, shot_latent_frames
-from pipeline.training.data import SceneStream, draw, scene_loader, to_video
+from pipeline.training.data import SceneStream, draw, random_crops, scene_loader, to_video
 from pipeline.training.ema import EMA
 from pipeline.training.text import ByteTokenizer
 from pipeline.training.twin import Twin, save_vae, shifted_sigmas, write_model_index
@@ -48,7 +48,7 @@ TWINS = {
 STREAM_VAE, STREAM_DIT, STREAM_MOMENTS, STREAM_VALIDATION = 1, 2, 3, 4
 # What a resumed run must share with the run it continues (the data and the model's shape).
 RESUME_MUST_MATCH = ("preset", "smoke", "seed", "height", "width", "fps", "seconds_per_shot", "shot_cycle",
-                     "vae_clip_seconds")
+                     "vae_clip_seconds", "refresh_videos")
 
 # --smoke: the whole run in seconds on a CPU (tiny shapes; numbers mean nothing).
 SMOKE_ARCHITECTURE = {
@@ -82,7 +82,8 @@ class TrainConfig:
     # stage 1: VAE
     vae_steps: int = 1_000_000  # whichever comes first: steps or seconds
     vae_seconds: float = 270.0
-    vae_batch: int = 64  # the step is launch-bound (Wan's VAE loops over frames): a bigger batch is ~free
+    vae_batch: int = 64  # 16 -> 64 cost 1.45x the step time on an H100 (Wan's VAE loops over frames)
+    vae_crop: int = 64  # clips are random crops of this many pixels (multiples of 8: the latent grid); 0: whole
     vae_clip_seconds: float = 1.0  # two shots of this length per clip (a cut inside every clip)
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4
@@ -98,7 +99,8 @@ class TrainConfig:
     uncond_prob: float = 0.1  # whole video's prompts dropped to "" (classifier-free guidance)
     paraphrase_prob: float = 0.25
     pool_videos: int = 12_288  # encoded videos kept (split over shot counts as the cycle uses them)
-    refresh_every: int = 2  # encode one new batch every this many steps
+    refresh_every: int = 2  # encode refresh_videos new videos every this many steps
+    refresh_videos: int = 64  # not tied to `batch`: encoding 256 every 2 steps took 40% of an H100 step
     # run control
     time_budget_s: float = 540.0
     reserve_s: float = 45.0  # kept for the final checkpoint, export and validation
@@ -111,11 +113,20 @@ class TrainConfig:
     val_steps: int = 8
     val_guidance: float = 3.0
 
+    def __post_init__(self):
+        # one line naming the key, before the run spends its budget on start-up
+        if self.vae_crop and (self.vae_crop % 8 or not 0 < self.vae_crop <= min(self.height, self.width)):
+            raise ValueError(f"vae_crop: {self.vae_crop} must be 0 or a multiple of 8 up to "
+                             f"{min(self.height, self.width)}")
+        if self.refresh_videos < 1 or self.refresh_every < 1:
+            raise ValueError(f"refresh_videos / refresh_every: {self.refresh_videos} / {self.refresh_every} "
+                             f"must be >= 1")
+
     @classmethod
     def smoke_defaults(cls) -> dict:
         return {"smoke": True, "height": 32, "width": 32, "fps": 4, "seconds_per_shot": 1.0, "shot_cycle": (2, 1),
                 "vae_steps": 3, "vae_batch": 2, "vae_clip_seconds": 1.0, "moment_batches": 1, "dit_steps": 4,
-                "batch": 2, "warmup": 2, "pool_videos": 4, "refresh_every": 2, "time_budget_s": 300.0,
+                "batch": 2, "warmup": 2, "pool_videos": 4, "refresh_every": 2, "refresh_videos": 2, "vae_crop": 16, "time_budget_s": 300.0,
                 "reserve_s": 5.0, "checkpoint_every_s": 1e9, "log_every": 1, "workers": 0, "val_videos": 1,
                 "val_shots": 2, "val_steps": 2, "device": "cpu"}
 
@@ -295,13 +306,17 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(derived_seed(c.seed, s["segment"], STREAM_VAE))
         self.vae.train()
         segment_steps, window, t_window = 0, [], time.monotonic()
+        crops = torch.Generator().manual_seed(derived_seed(c.seed, s["segment"], STREAM_VAE, "crops"))
         self.log(f"VAE: {sum(p.numel() for p in self.vae.parameters()) / 1e6:.2f}M parameters, batch {c.vae_batch} "
-                 f"clips of 2x{c.vae_clip_seconds}s at {c.height}x{c.width}")
+                 f"clips of 2x{c.vae_clip_seconds}s at {c.height}x{c.width}"
+                 + (f", random {c.vae_crop}x{c.vae_crop} crops" if c.vae_crop else ""))
         while s["vae_step"] < c.vae_steps and s["vae_seconds"] < c.vae_seconds and self.time_left() > 0:
             t0 = time.monotonic()
             scene = next(batches)
             s["vae_batches"] = scene.index + 1
             video = to_video(draw(scene, self.device))
+            if c.vae_crop:
+                video = random_crops(video, c.vae_crop, crops)
             with self.autocast():
                 loss, parts = reconstruction_loss(self.vae, video, c.vae_kl_weight, generator)
             optimizer.zero_grad(set_to_none=True)
@@ -389,7 +404,7 @@ class Trainer:
         c, s = self.cfg, self.state
         counts = {n: c.shot_cycle.count(n) for n in set(c.shot_cycle)}
         pool = LatentPool({n: max(c.batch, c.pool_videos * k // len(c.shot_cycle)) for n, k in counts.items()})
-        batches = scene_loader(self._stream(STREAM_DIT, c.batch, c.shot_cycle, c.seconds_per_shot, s["dit_batches"],
+        batches = scene_loader(self._stream(STREAM_DIT, c.refresh_videos, c.shot_cycle, c.seconds_per_shot, s["dit_batches"],
                                             c.paraphrase_prob), c.workers)
         layouts = {n: shot_layout(n, c.seconds_per_shot, c.fps, c.height, c.width) for n in counts}
         t0 = time.monotonic()
@@ -493,8 +508,10 @@ class Trainer:
         if not summary_path.is_file():
             raise FileNotFoundError(f"--resume: {summary_path} not found (pass a previous run's --out)")
         summary = json.loads(summary_path.read_text())
+        # runs from before a key existed: what that run did instead
+        was = {"refresh_videos": summary["config"].get("batch")}
         for key in RESUME_MUST_MATCH:
-            before, now = summary["config"][key], getattr(self.cfg, key)
+            before, now = summary["config"].get(key, was.get(key)), getattr(self.cfg, key)
             if (list(before) if isinstance(before, (list, tuple)) else before) != \
                     (list(now) if isinstance(now, (list, tuple)) else now):
                 raise ValueError(f"--resume: {key} was {before!r} in {directory}, this run has {now!r}")
