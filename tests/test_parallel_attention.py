@@ -42,6 +42,9 @@ def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
     ctx = init_group(Rendezvous("127.0.0.1", port, rank, world, "gloo", timeout_s=60))
     try:
         fn(ctx, *args)
+        # Leave together: a rank tearing gloo down while its peer is still in a collective can make
+        # the peer's transport thread abort the process (seen once under load: SIGABRT at exit).
+        torch.distributed.barrier()
     finally:
         close_group(ctx)
 
