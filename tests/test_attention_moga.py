@@ -155,7 +155,6 @@ def test_moga_stga_bias_route_equals_reference(monkeypatch, bias_bytes):
     one window whose every token is in the query's group (W \\ G empty for those rows)."""
     import pipeline.attention.moga_stga as moga_stga
 
-    monkeypatch.setattr(moga_stga, "union_route", lambda *args: "bias")
     monkeypatch.setattr(moga_stga, "BIAS_BYTES", bias_bytes)
     layout, window = VideoLayout(4, 4, 6), (1, 4, 6)  # whole-frame windows of 24 tokens
     n = layout.num_tokens
@@ -164,13 +163,23 @@ def test_moga_stga_bias_route_equals_reference(monkeypatch, bias_bytes):
     gate = torch.rand(2, n)
     q, k, v = (3.0 * torch.randn(2, n, H, D) for _ in range(3))
     meta = AttentionMeta(layout=layout, routing=Routing(groups, gate, 4))
-    o = moga_stga_method("lse", window)(q, k, v, meta)
+    method = moga_stga_method("lse", window)
+    method.route = "bias"
+    o = method(q, k, v, meta)
     keys = window_of_tokens(layout, window)
     same_window = torch.tensor([[ki == kj for kj in keys] for ki in keys])[None, None]
     union = group_mask(groups) | same_window
     torch.testing.assert_close(o, reference_attention(q, k, v, union) * gate[:, :, None, None], atol=1e-5, rtol=1e-5)
     assert meta.stats["pairs"] == union.sum().item() * H
     assert meta.stats["kernel_pairs"] == (group_mask(groups).sum() + 2 * same_window.sum()).item() * H  # no cells
+    with torch.no_grad():  # forced "cells" on the same inputs: the same attention, more kernel pairs
+        method.route = "cells"
+        meta = AttentionMeta(layout=layout, routing=Routing(groups, gate, 4))
+        torch.testing.assert_close(method(q, k, v, meta), o, atol=1e-5, rtol=1e-5)
+        assert meta.stats["kernel_pairs"] > (group_mask(groups).sum() + 2 * same_window.sum()).item() * H
+    method.route = "nonsense"
+    with pytest.raises(ValueError, match="moga\\+stga: route 'nonsense' cannot run here"):
+        method(q, k, v, AttentionMeta(layout=layout, routing=Routing(groups, gate, 4)))
 
 
 def test_moga_stga_lse_backward_matches_reference_and_reaches_the_router():

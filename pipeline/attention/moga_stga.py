@@ -84,6 +84,9 @@ class MogaStgaAttention(AttentionMethod):
     name = "moga+stga"
     needs_routing = True
     cudnn_shapes_follow_data = True  # dense calls per group and per cell: lengths follow the router
+    # merge = lse: None lets union_route pick; "bias" or "cells" forces a route (both exact), so that a
+    # benchmark can time one against the other on the same inputs.
+    route: str | None = None
 
     def windows(self, layout, device: torch.device | str = "cpu") -> StgaWindows:
         return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots, device)
@@ -113,7 +116,10 @@ class MogaStgaAttention(AttentionMethod):
             pairs, computed = group_pairs + window_pairs, group_pairs + window_pairs
         else:
             needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, routing.gate))
-            route = union_route(windows, q.device, q.dtype, needs_grad)
+            route = self.route or union_route(windows, q.device, q.dtype, needs_grad)
+            if route not in ("bias", "cells") or (route == "bias" and (windows.grid is None or needs_grad)):
+                raise ValueError(f"moga+stga: route {route!r} cannot run here (bias: equal windows, no text, "
+                                 f"no autograd; cells: anywhere)")
             o_group, lse_group = self.backend.segments(qs, ks, vs, group_cu, True, group_counts)  # group order
             if route == "bias":
                 o_window, lse_window = window_minus_group(self.backend, q, k, v, windows, routing.groups)
