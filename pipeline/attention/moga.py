@@ -13,8 +13,9 @@ Execution (the groups of the FULL sequence the call attends over, batch rows kep
 stable sort of the tokens by (batch row, group) -> cu_seqlens (an empty group is a zero-length
 segment) -> one row gather per tensor (rows moved as 8-byte words, backends/rows.py) -> the
 backend's segments primitive (one cuDNN call per large group, varlen for many small ones), which
-multiplies by the gate while it packs the groups' outputs -> inverse permutation. One .tolist() of
-the group sizes per call, no per-group synchronisation. Memory traffic beyond the kernels: three
+multiplies by the gate while it packs the groups' outputs -> inverse permutation. One read of the
+group sizes per call (a pinned copy the host waits for only after the gathers are queued), no
+per-group synchronisation. Memory traffic beyond the kernels: three
 gathers and two passes over o (pack with the gate, unpermute).
 
 Training-free use: kmeans_init sets the router's rows to spherical k-means centroids of a
@@ -23,8 +24,6 @@ frozen for that video).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +56,13 @@ class MoGARouter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[Routing, torch.Tensor]:
         """hidden (B, N, C) -> (Routing of every token, L_gb scalar)."""
-        # logits in the hidden state's dtype (no fp32 copy of (B, N, C)), softmax in fp32
-        probs = F.linear(hidden, self.proj.weight.to(hidden.dtype)).float().softmax(-1)  # (B, N, M)
+        # logits in the hidden state's dtype (no fp32 copy of (B, N, C)), softmax in fp32. The weight is
+        # padded with zero rows to 8 outputs: with M = 5 the logits' rows are 10 bytes, and cuBLAS falls
+        # back to an unaligned sm75 kernel (0.48 ms for one read of (150k, 1536) on an H100).
+        weight = self.proj.weight.to(hidden.dtype)
+        m = self.num_groups
+        weight = F.pad(weight, (0, 0, 0, -m % 8))
+        probs = F.linear(hidden, weight)[..., :m].float().softmax(-1)  # (B, N, M)
         gate, groups = probs.max(-1)
         return (Routing(groups=groups, gate=gate, num_groups=self.num_groups),
                 group_balance_loss(probs, groups, self.balance_weight))
@@ -89,14 +93,27 @@ def kmeans_init(router: MoGARouter, hidden: torch.Tensor, iters: int) -> None:
     router.proj.weight.copy_(centroids * (KMEANS_SHARPNESS / mean_norm))
 
 
-@dataclass(frozen=True)
 class Permutation:
-    """Tokens of the flattened (B * N) sequence sorted by segment, and the way back."""
+    """Tokens of the flattened (B * N) sequence sorted by segment, and the way back.
 
-    order: torch.Tensor  # (B * N,) int64: sorted position -> token
-    inverse: torch.Tensor  # (B * N,) int64: token -> sorted position
-    counts: list[int]  # tokens per segment (Python ints: one sync per call)
-    cu_seqlens: torch.Tensor  # (S + 1,) int32
+    order (B * N,) int64: sorted position -> token; inverse: token -> sorted position; cu_seqlens
+    (S + 1,) int32 on the device; counts: tokens per segment as Python ints. Reading counts is the
+    one host sync of a call, so on CUDA it is a non-blocking copy into pinned memory started here
+    and waited for on first use: a caller that launches its gathers first (MoGA does) keeps the GPU
+    busy while the host waits, instead of the GPU idling while the host launches them."""
+
+    def __init__(self, order: torch.Tensor, inverse: torch.Tensor, count_t: torch.Tensor):
+        self.order, self.inverse = order, inverse
+        self.cu_seqlens = cu_seqlens_from_counts(count_t)
+        self._counts: list[int] | None = None
+        self._ready: torch.cuda.Event | None = None
+        if count_t.is_cuda:
+            self._host = torch.empty(count_t.shape, dtype=count_t.dtype, pin_memory=True)
+            self._host.copy_(count_t, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = count_t
 
     @classmethod
     def by_segment(cls, segment: torch.Tensor, num_segments: int) -> "Permutation":
@@ -104,8 +121,15 @@ class Permutation:
         order = torch.argsort(segment, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        count_t = torch.bincount(segment, minlength=num_segments)
-        return cls(order, inverse, count_t.tolist(), cu_seqlens_from_counts(count_t))
+        return cls(order, inverse, torch.bincount(segment, minlength=num_segments))
+
+    @property
+    def counts(self) -> list[int]:
+        if self._counts is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._counts = self._host.tolist()
+        return self._counts
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, ...) -> (B * N, ...) in segment order (one row gather)."""
@@ -151,8 +175,9 @@ class MoGAAttention(AttentionMethod):
         b, n, h, _ = q.shape
         perm = Permutation.by_segment(group_segments(routing), b * routing.num_groups)
         gate = routing.gate.reshape(-1).index_select(0, perm.order)  # (B * N,) in group order
-        o = self.backend.segments(perm.gather(q), perm.gather(k), perm.gather(v), perm.cu_seqlens,
-                                  counts=perm.counts, out_scale=gate)  # (B * N, H, D) grouped, gated
+        qs, ks, vs = perm.gather(q), perm.gather(k), perm.gather(v)  # launched before the counts are read
+        o = self.backend.segments(qs, ks, vs, perm.cu_seqlens, counts=perm.counts,
+                                  out_scale=gate)  # (B * N, H, D) grouped, gated
         pairs = perm.pairs() * h
         meta.stats.update(pairs=float(pairs), density=pairs / (b * h * n * n),
                           largest_group=max(perm.counts) / n)

@@ -28,16 +28,16 @@ Two routes to the W \\ G term (union_route picks one; both exact):
 
 Tokens are sorted once by (batch row, group, window): groups and cells are contiguous segments of
 one gather. The merge weights (with the gate folded in) are formed on the small (T, H) lse tensors;
-the big tensors see: o_G * w_G and the cell correction in group order, one unpermute, plus
-o_W * w_W in sequence order.
+the big tensors meet once, in backends/merge.py's merge_rows (one Triton pass on CUDA: read o_G,
+o_W [and o_C], write the output in sequence order).
 """
 
 from __future__ import annotations
 
 import torch
 
+from pipeline.attention.backends.merge import merge_rows
 from pipeline.attention.backends.rows import take_rows
-from pipeline.attention.backends.segments import cu_seqlens_from_counts
 from pipeline.attention.base import AttentionMeta, AttentionMethod
 from pipeline.attention.moga import Permutation, check_routing, group_segments
 from pipeline.attention.stga import StgaWindows, from_windows, lse_from_windows, to_windows, window_attention, window_ids
@@ -101,11 +101,11 @@ class MogaStgaAttention(AttentionMethod):
         # one sort by (batch row, group, window): groups and cells are both contiguous runs
         cell = group_segments(routing) * nw + windows.token_window.repeat(b)  # (B * N,)
         perm = Permutation.by_segment(cell, b * m * nw)
-        cell_counts = perm.counts
-        group_counts = [sum(cell_counts[i:i + nw]) for i in range(0, len(cell_counts), nw)]
-        qs, ks, vs = perm.gather(q), perm.gather(k), perm.gather(v)  # (B * N, H, D)
-        group_cu = cu_seqlens_from_counts(torch.tensor(group_counts, device=q.device))
+        qs, ks, vs = perm.gather(q), perm.gather(k), perm.gather(v)  # (B * N, H, D), queued before the sync
         gate = routing.gate.reshape(-1).index_select(0, perm.order)  # (B * N,) fp32, group order
+        group_cu = perm.cu_seqlens[::nw].contiguous()  # a group's cells are consecutive: every nw-th offset
+        cell_counts = perm.counts  # the call's one host sync (a pinned copy)
+        group_counts = [sum(cell_counts[i:i + nw]) for i in range(0, len(cell_counts), nw)]
         window_pairs = windows.pairs(b, 1, text_rule=False)
         group_pairs = float(sum(c * c for c in group_counts))
         cell_pairs = float(sum(c * c for c in cell_counts))
@@ -152,9 +152,7 @@ class MogaStgaAttention(AttentionMethod):
             z_cell = torch.exp(cell[1] - top)
             total = total - z_cell  # >= max(z_group, z_window) up to rounding, so >= ~1
         norm = gate[:, None] / total  # (T, H) fp32, the gate folded in
-        dtype = o_group.dtype
-        acc = o_group * (z_group * norm).to(dtype)[..., None]  # (T, H, D), group order
-        if cell is not None:
-            acc = torch.addcmul(acc, cell[0], (z_cell * norm).to(dtype)[..., None], value=-1)
-        weight_window = take_rows(z_window * norm, perm.inverse).to(dtype).view(b, n, h, 1)
-        return torch.addcmul(perm.scatter(acc, shape), o_window, weight_window)  # (B, N, H, D)
+        weight_window = take_rows(z_window * norm, perm.inverse)  # (T, H), sequence order
+        out = merge_rows(o_group, z_group * norm, o_window.reshape(b * n, h, -1), weight_window, perm.inverse,
+                         None if cell is None else cell[0], None if cell is None else z_cell * norm)
+        return out.view(shape)  # (B, N, H, D)

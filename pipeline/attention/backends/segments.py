@@ -172,7 +172,9 @@ def _varlen(q, k, v, cu, counts, scale, return_lse):
         return _empty(q, return_lse)
     longest = max(counts)
     if 0 in counts:  # the kernels get no empty segments: drop them (the packing is the same)
-        cu = cu_seqlens_from_counts(torch.tensor([c for c in counts if c], device=q.device))
+        # from pinned memory: a pageable host-to-device copy would wait for the stream (a sync per call)
+        nonempty = torch.tensor([c for c in counts if c], pin_memory=q.is_cuda)
+        cu = cu_seqlens_from_counts(nonempty.to(q.device, non_blocking=True))
     flash = flash_attn_varlen()
     if flash is not None:
         out = flash(q, k, v, cu, cu, longest, longest, softmax_scale=scale, return_attn_probs=return_lse)
