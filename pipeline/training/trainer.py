@@ -82,12 +82,13 @@ class TrainConfig:
     # stage 1: VAE
     vae_steps: int = 1_000_000  # whichever comes first: steps or seconds
     vae_seconds: float = 270.0
-    # Batch sizes, from run 4 on an H100: the VAE step cost 1.45x for 4x the clips (16 -> 64 whole
-    # frames), the DiT twins' step nothing for 4x the videos (64 -> 256: launch-bound). A 64x64 crop is a
-    # quarter of a frame, so 128 crops are the pixels of 32 frames; the DiT saves ~60 MiB of activations
-    # per video (bf16), so 512 videos fit an 80 GB GPU with room to spare.
-    vae_batch: int = 128
-    vae_crop: int = 64  # clips are random crops of this many pixels (multiples of 8: the latent grid); 0: whole
+    # Batch sizes, measured on an H100 (docs/training.md): the VAE step cost 1.45x for 4x the clips
+    # (16 -> 64 whole frames); the DiT twins' step nothing for 64 -> 256 videos (launch-bound) and 1.7x
+    # for 256 -> 512 (~60 MiB of activations per video in bf16: 512 fit an 80 GB GPU).
+    vae_batch: int = 64
+    # 0: whole frames. Random crops of this many pixels (multiples of 8) are a quarter of the pixels at
+    # 64, but trained worse per step (run 5: L1 0.52 after 715 steps against run 4's 0.36 after 453).
+    vae_crop: int = 0
     vae_clip_seconds: float = 1.0  # two shots of this length per clip (a cut inside every clip)
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4
