@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.training.trainer import TrainConfig, train
+    from pipeline.training.trainer import TrainConfig
 
     # A process policy, so it is set by the entry point: fp32 matmuls and convs (outside bf16
     # autocast) may use TF32. No cudnn.benchmark: autotuning every VAE conv shape eats the budget.
@@ -78,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     values = {**(TrainConfig.smoke_defaults() if given.get("smoke") else {}), **given}
-    try:
-        cfg = TrainConfig(**values)
-    except ValueError as e:
+    from pipeline.training.trainer import Trainer
+
+    try:  # options, and what --resume / --init-from point at, are checked before any training
+        trainer = Trainer(TrainConfig(**values), STARTED)
+    except (ValueError, FileNotFoundError) as e:
         print(f"train_tiny: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg, STARTED)
+    summary = trainer.run()
     state = summary["state"]
     print(f"vae_steps={state['vae_step']} dit_steps={state['dit_step']} dropped={list(summary['dropped'])} "
           f"scores={ {k: v['mean'] for k, v in summary['scores'].items() if isinstance(v, dict) and 'mean' in v} }")

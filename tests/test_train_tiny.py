@@ -270,6 +270,30 @@ def test_smoke_run_resumes_and_installs_weights_the_loader_takes(tmp_path):
     index = json.loads((tmp_path / "weights" / "tiny-trained-moga" / "model_index.json").read_text())
     assert index["longreel_training"]["attention"] == "moga+stga" and index["longreel_training"]["steps"] == 3
 
+    # A later session goes on from the installed weights (checkpoints do not outlive the machine).
+    from safetensors.torch import load_file
+
+    onward = Trainer(TrainConfig(**{**TrainConfig.smoke_defaults(), "out": str(tmp_path / "run4"),
+                                    "init_from": str(tmp_path / "weights"), "dit_steps": 5, "shot_cycle": (1,),
+                                    "val_videos": 0}))
+    assert onward.state["vae_done"] and onward.state["vae_step"] == second["state"]["vae_step"]
+    assert onward.state["latent_mean"] == pytest.approx(second["state"]["latent_mean"])
+    onward.build_twins()
+    installed = load_file(str(tmp_path / "weights" / "tiny-trained-moga" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for key, value in onward.twins["moga"].transformer.state_dict().items():
+        assert torch.equal(value, installed[key].float()), key
+    assert {t.steps for t in onward.twins.values()} == {3}
+    onward.twins = {}
+    went_on = onward.run()
+    assert {n: t["steps"] for n, t in went_on["twins"].items()} == {"dense": 5, "moga": 5}
+    assert went_on["state"]["vae_step"] == second["state"]["vae_step"]  # the VAE was not trained again
+    with pytest.raises(ValueError, match="init_from: fps was 4"):
+        Trainer(TrainConfig(**{**TrainConfig.smoke_defaults(), "out": str(tmp_path / "bad2"),
+                               "init_from": str(tmp_path / "weights"), "fps": 8}))
+    with pytest.raises(FileNotFoundError, match="init_from: no tiny-trained or tiny-trained-moga/model_index.json"):
+        Trainer(TrainConfig(**{**TrainConfig.smoke_defaults(), "out": str(tmp_path / "bad3"),
+                               "init_from": str(tmp_path / "run1")}))
+
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no trained weights installed in pipeline/models/weights yet")
 def test_shipped_model_loads_and_generates(tmp_path):
@@ -302,3 +326,5 @@ def test_bad_training_options_fail_in_one_line_before_anything_runs(tmp_path, ca
     assert main(["train", "--refresh-videos", "0", "--out", str(out)]) == 2
     assert "refresh_videos / refresh_every: 0 / 2" in capsys.readouterr().err
     assert not out.exists()
+    assert main(["train", "--smoke", "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("train_tiny: init_from: no tiny-trained or tiny-trained-moga")

@@ -66,6 +66,10 @@ SMOKE_ARCHITECTURE = {
 class TrainConfig:
     out: str = "outputs/train-tiny"
     resume: str = ""  # a previous run's --out (its summary.json and ckpt-*.pt)
+    # or: installed weights to go on from (`install`'s layout, e.g. pipeline/models/weights): the VAE as
+    # trained, each twin from its EMA weights. Checkpoints die with the machine; installed weights are
+    # what a later development session still has (they are in git).
+    init_from: str = ""
     reopen_vae: bool = False  # with --resume: train the VAE on (to --vae-seconds in all), DiTs start over
     preset: str = "tiny-trained"  # configs/models/<preset>.yaml: architecture and text length
     twins: tuple[str, ...] = ("dense", "moga")
@@ -123,6 +127,8 @@ class TrainConfig:
         if self.vae_crop and (self.vae_crop % 8 or not 0 < self.vae_crop <= min(self.height, self.width)):
             raise ValueError(f"vae_crop: {self.vae_crop} must be 0 or a multiple of 8 up to "
                              f"{min(self.height, self.width)}")
+        if self.resume and self.init_from:
+            raise ValueError(f"init_from: {self.init_from!r} and resume: {self.resume!r} exclude each other")
         if self.refresh_videos < 1 or self.refresh_every < 1:
             raise ValueError(f"refresh_videos / refresh_every: {self.refresh_videos} / {self.refresh_every} "
                              f"must be >= 1")
@@ -257,8 +263,12 @@ class Trainer:
         self.last_checkpoint = time.monotonic()
         self.empty_ids, self.empty_mask = (torch.from_numpy(a[0]) for a in ByteTokenizer().encode([""], self.text_length))
         self.resume_twins: dict[str, dict] = {}
+        self.installed_twins: dict[str, Path] = {}
         if cfg.resume:
             self._load_resume(Path(cfg.resume))
+            self.state["segment"] += 1
+        elif cfg.init_from:
+            self._load_installed(Path(cfg.init_from))
             self.state["segment"] += 1
         torch.manual_seed(derived_seed(cfg.seed, self.state["segment"]))
         self.log(f"device {self.device} ({torch.cuda.get_device_name(self.device) if self.cuda else platform.processor()}),"
@@ -382,6 +392,8 @@ class Trainer:
                             self.cfg.lr, self.cfg.ema)
                 if name in self.resume_twins:
                     twin.load_state(self.resume_twins[name])
+                elif name in self.installed_twins:
+                    twin.load_installed(self.installed_twins[name])
                 self.twins[name], self.twin_cfgs[name] = twin, cfg
                 self.log(f"twin {name}: {twin.method}, {twin.num_parameters() / 1e6:.2f}M parameters "
                          f"({twin.steps} steps so far)")
@@ -496,7 +508,9 @@ class Trainer:
             write_model_index(directory, directory.name, {
                 "trained_by": "jobs/train_tiny.py", "attention": twin.method, "vae_from": first,
                 "steps": twin.steps, "vae_steps": self.state["vae_step"], "resolution": [self.cfg.height, self.cfg.width],
-                "fps": self.cfg.fps, "seconds_per_shot": self.cfg.seconds_per_shot})
+                "fps": self.cfg.fps, "seconds_per_shot": self.cfg.seconds_per_shot, "seed": self.cfg.seed,
+                "segment": self.state["segment"], "dit_batches": self.state["dit_batches"],
+                "latent_mean": self.state["latent_mean"], "latent_std": self.state["latent_std"]})
         if first is None:  # no twin yet: the VAE alone
             save_vae(self.vae, root / "vae")
 
@@ -536,6 +550,34 @@ class Trainer:
             path = directory / f"ckpt-{name}.pt"
             if path.is_file():
                 self.resume_twins[name] = torch.load(path, map_location="cpu", weights_only=False)
+
+    def _load_installed(self, root: Path) -> None:
+        """Go on from weights `install` wrote under `root`: the first twin's directory holds the VAE."""
+        from safetensors.torch import load_file
+
+        c = self.cfg
+        found = {name: root / TWINS[name][2] for name in c.twins if (root / TWINS[name][2] / "model_index.json").is_file()}
+        if not found:
+            raise FileNotFoundError(f"init_from: no {' or '.join(TWINS[n][2] for n in c.twins)}/model_index.json "
+                                    f"under {root} (a directory `python -m jobs.train_tiny install` wrote)")
+        trainings = {n: json.loads((d / "model_index.json").read_text())["longreel_training"] for n, d in found.items()}
+        first = next(iter(trainings.values()))
+        was = {"height": first["resolution"][0], "width": first["resolution"][1], "fps": first["fps"],
+               "seconds_per_shot": first["seconds_per_shot"], "seed": first.get("seed", c.seed)}
+        for key, before in was.items():
+            if before != getattr(c, key):
+                raise ValueError(f"init_from: {key} was {before!r} in {root}, this run has {getattr(c, key)!r}")
+        vae_dir = next(iter(found.values())) / "vae"
+        self.vae.load_state_dict(load_file(str(vae_dir / "diffusion_pytorch_model.safetensors")))
+        self.vae_ema = EMA(self.vae, c.vae_ema)  # the installed weights are already the average
+        vae_config = json.loads((vae_dir / "config.json").read_text())
+        mean, std = vae_config["latents_mean"], vae_config["latents_std"]
+        set_latent_moments(self.vae, mean, std)
+        self.vae.eval().requires_grad_(False)
+        self.state.update(vae_done=True, vae_step=int(first["vae_steps"]), latent_mean=mean, latent_std=std,
+                          segment=int(first.get("segment", 0)), dit_batches=int(first.get("dit_batches", 0)),
+                          dit_step=max(int(t["steps"]) for t in trainings.values()))
+        self.installed_twins = found
 
     # --- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
@@ -609,9 +651,3 @@ def _score(frames: np.ndarray, captions: list[str], shot_frames: list[int]) -> f
     from pipeline.procedural.checker import score_video
 
     return score_video(frames, captions, shot_frames).score
-
-
-def train(cfg: TrainConfig, started: float | None = None) -> dict:
-    return Trainer(cfg, started).run()
-
-

@@ -118,6 +118,22 @@ class Twin:
         self.ema.load_state(state["ema"])
         self.steps = int(state["steps"])
 
+    def load_installed(self, directory: Path) -> None:
+        """Start from an installed model directory (what export wrote, then `install`): raw weights and
+        their average both become its (fp16) weights; steps go on from the count it records."""
+        from safetensors.torch import load_file
+
+        training = json.loads((directory / "model_index.json").read_text())["longreel_training"]
+        if training["attention"] != self.method:
+            raise ValueError(f"init_from: {directory} was trained with {training['attention']}, twin {self.name} "
+                             f"uses {self.method}")
+        self.transformer.load_state_dict(load_file(str(directory / "transformer" / "diffusion_pytorch_model.safetensors")))
+        if self.adapter.routers is not None:
+            self.adapter.routers.load_state_dict(load_file(str(directory / "transformer" / ROUTERS_FILE)))
+        self.text_encoder.load_state_dict(load_file(str(directory / "text_encoder" / "model.safetensors")))
+        self.ema = EMA(self.modules, self.ema.decay)
+        self.steps = int(training["steps"])
+
     def export(self, directory: Path, dtype: torch.dtype = torch.float16) -> None:
         """EMA weights in diffusers layout: transformer/ (+ MoGA routers), text_encoder/."""
         from safetensors.torch import save_file
