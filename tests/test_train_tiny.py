@@ -182,7 +182,8 @@ def test_vae_trains_on_the_decoder_output_before_the_clamp_and_starts_narrow():
     assert torch.equal(raw.clamp(-1.0, 1.0), vae.decode(z).sample)
 
 
-def test_vae_reconstruction_improves_on_a_fixed_clip():
+@pytest.mark.parametrize("pixel_loss", ["l1", "mse", "l1+mse"])
+def test_vae_reconstruction_improves_on_a_fixed_clip(pixel_loss):
     from pipeline.training.vae import build_vae, reconstruction_loss
 
     torch.manual_seed(0)
@@ -191,12 +192,29 @@ def test_vae_reconstruction_improves_on_a_fixed_clip():
     optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
     l1 = []
     for i in range(6):
-        loss, parts = reconstruction_loss(vae, video, 1e-4, torch.Generator().manual_seed(i))
+        loss, parts = reconstruction_loss(vae, video, 1e-4, torch.Generator().manual_seed(i), pixel_loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         l1.append(parts["l1"])
     assert np.mean(l1[-2:]) < 0.8 * np.mean(l1[:2])
+
+
+def test_pixel_losses_are_what_they_say():
+    from pipeline.training.vae import build_vae, decode_unclamped, reconstruction_loss
+
+    torch.manual_seed(0)
+    vae = build_vae(SMOKE_ARCHITECTURE["vae"])
+    video = to_video(draw(plan_batch(0, [(1, 1, 0, 0)], 1, 1.0, 4, 32, 32, 0.3, 8), "cpu"))
+    with torch.no_grad():
+        loss = {name: reconstruction_loss(vae, video, 0.0, torch.Generator().manual_seed(3), name)[0]
+                for name in ("l1", "mse", "l1+mse")}
+        posterior = vae.encode(video).latent_dist  # the same draw, by hand
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(3))
+        error = decode_unclamped(vae, z) - video
+    torch.testing.assert_close(loss["l1"], error.abs().mean())
+    torch.testing.assert_close(loss["mse"], (error ** 2).mean())
+    torch.testing.assert_close(loss["l1+mse"], error.abs().mean() + (error ** 2).mean())
 
 
 def _smoke(out: Path, **changes) -> dict:
@@ -326,5 +344,7 @@ def test_bad_training_options_fail_in_one_line_before_anything_runs(tmp_path, ca
     assert main(["train", "--refresh-videos", "0", "--out", str(out)]) == 2
     assert "refresh_videos / refresh_every: 0 / 2" in capsys.readouterr().err
     assert not out.exists()
+    assert main(["train", "--vae-loss", "l2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "train_tiny: vae_loss: 'l2' is not one of l1, mse, l1+mse"
     assert main(["train", "--smoke", "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("train_tiny: init_from: no tiny-trained or tiny-trained-moga")

@@ -38,7 +38,8 @@ from pipeline.training.data import SceneStream, draw, random_crops, scene_loader
 from pipeline.training.ema import EMA
 from pipeline.training.text import ByteTokenizer
 from pipeline.training.twin import Twin, save_vae, shifted_sigmas, write_model_index
-from pipeline.training.vae import build_vae, encode_normalised, latent_moments, reconstruction_loss, set_latent_moments
+from pipeline.training.vae import (build_vae, check_pixel_loss, encode_normalised, latent_moments,
+                                   reconstruction_loss, set_latent_moments)
 
 # Twin name -> (attention preset, overrides for training, the model directory / preset it ships as).
 TWINS = {
@@ -96,6 +97,7 @@ class TrainConfig:
     vae_clip_seconds: float = 1.0  # two shots of this length per clip (a cut inside every clip)
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4
+    vae_loss: str = "l1"  # on pixels: l1 | mse | l1+mse (pipeline/training/vae.py says why it matters)
     vae_ema: float = 0.999
     moment_batches: int = 8
     # stage 2: DiT twins
@@ -127,6 +129,7 @@ class TrainConfig:
         if self.vae_crop and (self.vae_crop % 8 or not 0 < self.vae_crop <= min(self.height, self.width)):
             raise ValueError(f"vae_crop: {self.vae_crop} must be 0 or a multiple of 8 up to "
                              f"{min(self.height, self.width)}")
+        check_pixel_loss(self.vae_loss)
         if self.resume and self.init_from:
             raise ValueError(f"init_from: {self.init_from!r} and resume: {self.resume!r} exclude each other")
         if self.refresh_videos < 1 or self.refresh_every < 1:
@@ -333,7 +336,7 @@ class Trainer:
             if c.vae_crop:
                 video = random_crops(video, c.vae_crop, crops)
             with self.autocast():
-                loss, parts = reconstruction_loss(self.vae, video, c.vae_kl_weight, generator)
+                loss, parts = reconstruction_loss(self.vae, video, c.vae_kl_weight, generator, c.vae_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)

@@ -36,19 +36,34 @@ def build_vae(architecture: dict):
     return vae
 
 
-def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """video (B, 3, F, H, W) in [-1, 1] -> (loss, {l1, kl, psnr}) for one reconstruction."""
+RECONSTRUCTION_LOSSES = ("l1", "mse", "l1+mse")
+
+
+def check_pixel_loss(name: str) -> None:
+    if name not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"vae_loss: {name!r} is not one of {', '.join(RECONSTRUCTION_LOSSES)}")
+
+
+def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None,
+                        pixel_loss: str = "l1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """video (B, 3, F, H, W) in [-1, 1] -> (loss, {l1, kl, psnr}) for one reconstruction.
+
+    pixel_loss: l1 | mse | l1+mse on the unclamped decoder output. Flat-colour targets sit at -1 or 1
+    per channel, so an all-zero output is where L1's sign gradients cancel (L1 = 1.0 exactly: the
+    plateau runs 1-2 sat on); MSE's pull is proportional to the error."""
+    check_pixel_loss(pixel_loss)
     posterior = vae.encode(video).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator,
                                                      device=video.device, dtype=posterior.mean.dtype)
     recon = decode_unclamped(vae, z)  # (B, 3, F, H, W)
-    l1 = (recon.float() - video.float()).abs().mean()
+    error = recon.float() - video.float()
+    l1 = error.abs().mean()
+    pixel = l1 if pixel_loss == "l1" else (error ** 2).mean() + (l1 if pixel_loss == "l1+mse" else 0.0)
     kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
     mse = ((recon.float().clamp(-1.0, 1.0) - video.float()) ** 2).mean().detach()
     psnr = 10 * torch.log10(4.0 / mse.clamp(min=1e-10))  # peak-to-peak 2 in [-1, 1]
     # Parts stay 0-d device tensors (no sync per step); the trainer reads them when it logs.
-    return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach(), "psnr": psnr}
+    return pixel + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach(), "psnr": psnr}
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
