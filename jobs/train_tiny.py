@@ -33,7 +33,7 @@ def _parse_value(text: str, like):
 
 
 def train_parser(sub) -> None:
-    from pipeline.training.trainer import TrainConfig
+    from pipeline.training.trainer import TrainConfig, Trainer
 
     p = sub.add_parser("train", help="train the VAE and the DiT twins (GPU; --smoke on a CPU)")
     defaults = TrainConfig()
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.training.trainer import TrainConfig
+    from pipeline.training.trainer import TrainConfig, Trainer
 
     # A process policy, so it is set by the entry point: fp32 matmuls and convs (outside bf16
     # autocast) may use TF32. No cudnn.benchmark: autotuning every VAE conv shape eats the budget.
@@ -78,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     values = {**(TrainConfig.smoke_defaults() if given.get("smoke") else {}), **given}
-    from pipeline.training.trainer import Trainer
-
     try:  # options, and what --resume / --init-from point at, are checked before any training
         trainer = Trainer(TrainConfig(**values), STARTED)
     except (ValueError, FileNotFoundError) as e:

@@ -297,7 +297,8 @@ def test_smoke_run_resumes_and_installs_weights_the_loader_takes(tmp_path):
     assert onward.state["vae_done"] and onward.state["vae_step"] == second["state"]["vae_step"]
     assert onward.state["latent_mean"] == pytest.approx(second["state"]["latent_mean"])
     onward.build_twins()
-    installed = load_file(str(tmp_path / "weights" / "tiny-trained-moga" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    moga_dir = tmp_path / "weights" / "tiny-trained-moga"
+    installed = load_file(str(moga_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
     for key, value in onward.twins["moga"].transformer.state_dict().items():
         assert torch.equal(value, installed[key].float()), key
     assert {t.steps for t in onward.twins.values()} == {3}

@@ -140,8 +140,8 @@ class TrainConfig:
     def smoke_defaults(cls) -> dict:
         return {"smoke": True, "height": 32, "width": 32, "fps": 4, "seconds_per_shot": 1.0, "shot_cycle": (2, 1),
                 "vae_steps": 3, "vae_batch": 2, "vae_clip_seconds": 1.0, "moment_batches": 1, "dit_steps": 4,
-                "batch": 2, "warmup": 2, "pool_videos": 4, "refresh_every": 2, "refresh_videos": 2, "vae_crop": 16, "time_budget_s": 300.0,
-                "reserve_s": 5.0, "checkpoint_every_s": 1e9, "log_every": 1, "workers": 0, "val_videos": 1,
+                "batch": 2, "warmup": 2, "pool_videos": 4, "refresh_every": 2, "refresh_videos": 2, "vae_crop": 16,
+                "time_budget_s": 300.0, "reserve_s": 5.0, "checkpoint_every_s": 1e9, "log_every": 1, "workers": 0, "val_videos": 1,
                 "val_shots": 2, "val_steps": 2, "device": "cpu"}
 
 
@@ -424,8 +424,9 @@ class Trainer:
         c, s = self.cfg, self.state
         counts = {n: c.shot_cycle.count(n) for n in set(c.shot_cycle)}
         pool = LatentPool({n: max(c.batch, c.pool_videos * k // len(c.shot_cycle)) for n, k in counts.items()})
-        batches = scene_loader(self._stream(STREAM_DIT, c.refresh_videos, c.shot_cycle, c.seconds_per_shot, s["dit_batches"],
-                                            c.paraphrase_prob), c.workers)
+        stream = self._stream(STREAM_DIT, c.refresh_videos, c.shot_cycle, c.seconds_per_shot, s["dit_batches"],
+                              c.paraphrase_prob)
+        batches = scene_loader(stream, c.workers)
         layouts = {n: shot_layout(n, c.seconds_per_shot, c.fps, c.height, c.width) for n in counts}
         t0 = time.monotonic()
         while not pool.full() and self.time_left() > 0:
@@ -559,7 +560,8 @@ class Trainer:
         from safetensors.torch import load_file
 
         c = self.cfg
-        found = {name: root / TWINS[name][2] for name in c.twins if (root / TWINS[name][2] / "model_index.json").is_file()}
+        found = {name: root / TWINS[name][2] for name in c.twins
+                 if (root / TWINS[name][2] / "model_index.json").is_file()}
         if not found:
             raise FileNotFoundError(f"init_from: no {' or '.join(TWINS[n][2] for n in c.twins)}/model_index.json "
                                     f"under {root} (a directory `python -m jobs.train_tiny install` wrote)")

@@ -127,7 +127,8 @@ class Twin:
         if training["attention"] != self.method:
             raise ValueError(f"init_from: {directory} was trained with {training['attention']}, twin {self.name} "
                              f"uses {self.method}")
-        self.transformer.load_state_dict(load_file(str(directory / "transformer" / "diffusion_pytorch_model.safetensors")))
+        weights = directory / "transformer" / "diffusion_pytorch_model.safetensors"
+        self.transformer.load_state_dict(load_file(str(weights)))
         if self.adapter.routers is not None:
             self.adapter.routers.load_state_dict(load_file(str(directory / "transformer" / ROUTERS_FILE)))
         self.text_encoder.load_state_dict(load_file(str(directory / "text_encoder" / "model.safetensors")))
