@@ -182,7 +182,7 @@ def test_vae_trains_on_the_decoder_output_before_the_clamp_and_starts_narrow():
     assert torch.equal(raw.clamp(-1.0, 1.0), vae.decode(z).sample)
 
 
-@pytest.mark.parametrize("pixel_loss", ["l1", "mse", "l1+mse"])
+@pytest.mark.parametrize("pixel_loss", ["l1", "mse", "l1+mse", "l1-clamped"])
 def test_vae_reconstruction_improves_on_a_fixed_clip(pixel_loss):
     from pipeline.training.vae import build_vae, reconstruction_loss
 
@@ -215,6 +215,51 @@ def test_pixel_losses_are_what_they_say():
     torch.testing.assert_close(loss["l1"], error.abs().mean())
     torch.testing.assert_close(loss["mse"], (error ** 2).mean())
     torch.testing.assert_close(loss["l1+mse"], error.abs().mean() + (error ** 2).mean())
+
+
+def test_clamped_l1_is_the_decoded_error_with_a_straight_through_gradient():
+    from pipeline.training.vae import build_vae, decode_unclamped, reconstruction_loss
+
+    torch.manual_seed(0)
+    vae = build_vae(SMOKE_ARCHITECTURE["vae"])
+    with torch.no_grad():  # a loud output conv: many raw pixels land past -1 or 1, on both sides of targets
+        vae.decoder.conv_out.weight.mul_(30.0)
+    video = to_video(draw(plan_batch(0, [(1, 1, 0, 0)], 1, 1.0, 4, 32, 32, 0.3, 8), "cpu"))
+    captured = []
+
+    def keep(_module, _args, out):  # each latent frame's raw output, with its gradient kept
+        out.retain_grad()
+        captured.append(out)
+
+    handle = vae.decoder.register_forward_hook(keep)
+    try:
+        loss, parts = reconstruction_loss(vae, video, 0.0, torch.Generator().manual_seed(3), "l1-clamped")
+        loss.backward()
+    finally:
+        handle.remove()
+    raw = torch.cat([o.detach() for o in captured], dim=2)
+    grad = torch.cat([o.grad for o in captured], dim=2) * raw.numel()
+    assert (raw.abs() > 1).float().mean() > 0.1
+    torch.testing.assert_close(loss.detach(), (raw.clamp(-1, 1) - video).abs().mean())
+    torch.testing.assert_close(parts["l1_decoded"], (raw.clamp(-1, 1) - video).abs().mean())
+    # independent of the implementation: right as decoded -> no gradient; otherwise the sign of the error
+    right = ((video >= 1) & (raw >= 1)) | ((video <= -1) & (raw <= -1))
+    expected = torch.where(right, torch.zeros_like(raw), torch.sign(raw.clamp(-1, 1) - video))
+    assert right.any() and (~right & (raw.abs() > 1)).any()
+    torch.testing.assert_close(grad, expected)
+
+
+def test_lr_schedule_warms_up_then_follows_the_cosine_to_the_floor():
+    from pipeline.training.trainer import scheduled_lr
+
+    assert scheduled_lr(1e-3, 0, 100, 0.0, "cosine", 0.05) == pytest.approx(1e-5)
+    assert scheduled_lr(1e-3, 499, 100, 0.0, "cosine", 0.05) == pytest.approx(1e-3)
+    assert scheduled_lr(1e-3, 499, 100, 0.5, "cosine", 0.05) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert scheduled_lr(1e-3, 499, 100, 1.0, "cosine", 0.05) == pytest.approx(5e-5)
+    assert scheduled_lr(1e-3, 499, 100, 7.0, "cosine", 0.05) == pytest.approx(5e-5)  # past the horizon: the floor
+    assert scheduled_lr(1e-3, 499, 100, 0.9, "constant", 0.05) == pytest.approx(1e-3)
+    lrs = [scheduled_lr(1.0, 1000, 10, p / 20, "cosine", 0.1) for p in range(21)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
 def _smoke(out: Path, **changes) -> dict:
@@ -346,6 +391,8 @@ def test_bad_training_options_fail_in_one_line_before_anything_runs(tmp_path, ca
     assert "refresh_videos / refresh_every: 0 / 2" in capsys.readouterr().err
     assert not out.exists()
     assert main(["train", "--vae-loss", "l2", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == "train_tiny: vae_loss: 'l2' is not one of l1, mse, l1+mse"
+    assert capsys.readouterr().err.strip() == "train_tiny: vae_loss: 'l2' is not one of l1, mse, l1+mse, l1-clamped"
+    assert main(["train", "--lr-schedule", "linear", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "train_tiny: lr_schedule: 'linear' is not one of constant, cosine"
     assert main(["train", "--smoke", "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("train_tiny: init_from: no tiny-trained or tiny-trained-moga")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import tarfile
@@ -112,6 +113,11 @@ class TrainConfig:
     pool_videos: int = 12_288  # encoded videos kept (split over shot counts as the cycle uses them)
     refresh_every: int = 2  # encode refresh_videos new videos every this many steps
     refresh_videos: int = 64  # not tied to `batch`: encoding 256 every 2 steps took 40% of an H100 step
+    # Learning rate after warmup, per stage and per call: constant, or cosine down to lr_floor x the
+    # peak over the time the stage has in this call (steps are not known ahead: the budget is wall
+    # clock). A resumed call warms up and decays again (a warm restart); the EMA spans the restarts.
+    lr_schedule: str = "cosine"
+    lr_floor: float = 0.05
     # run control
     time_budget_s: float = 540.0
     reserve_s: float = 45.0  # kept for the final checkpoint, export and validation
@@ -130,6 +136,8 @@ class TrainConfig:
             raise ValueError(f"vae_crop: {self.vae_crop} must be 0 or a multiple of 8 up to "
                              f"{min(self.height, self.width)}")
         check_pixel_loss(self.vae_loss)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
         if self.resume and self.init_from:
             raise ValueError(f"init_from: {self.init_from!r} and resume: {self.resume!r} exclude each other")
         if self.refresh_videos < 1 or self.refresh_every < 1:
@@ -164,6 +172,19 @@ class Log:
 def window_mean(window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Per key, the mean over a log window of per-step 0-d tensors, read back to the host at once."""
     return {k: float(torch.stack([w[k].float() for w in window]).mean()) for k in window[0]}
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(peak: float, step: int, warmup: int, progress: float, schedule: str, floor: float) -> float:
+    """Linear warmup over `warmup` steps, then constant or cosine from peak to floor x peak as
+    `progress` (the fraction of the stage's time in this call spent) goes from 0 to 1."""
+    ramp = min(1.0, (step + 1) / max(1, warmup))
+    if schedule == "constant":
+        return peak * ramp
+    p = min(1.0, max(0.0, progress))
+    return peak * ramp * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
 def derived_seed(*parts) -> int:
@@ -324,6 +345,9 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(derived_seed(c.seed, s["segment"], STREAM_VAE))
         self.vae.train()
         segment_steps, window, t_window = 0, [], time.monotonic()
+        # the time this stage has in this call: what the schedule decays over
+        seconds_at_start = s["vae_seconds"]
+        horizon = max(1e-6, min(c.vae_seconds - seconds_at_start, self.time_left()))
         crops = torch.Generator().manual_seed(derived_seed(c.seed, s["segment"], STREAM_VAE, "crops"))
         self.log(f"VAE: {sum(p.numel() for p in self.vae.parameters()) / 1e6:.2f}M parameters, batch {c.vae_batch} "
                  f"clips of 2x{c.vae_clip_seconds}s at {c.height}x{c.width}"
@@ -340,8 +364,10 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+            lr = scheduled_lr(c.vae_lr, segment_steps, 100, (s["vae_seconds"] - seconds_at_start) / horizon,
+                              c.lr_schedule, c.lr_floor)
             for group in optimizer.param_groups:
-                group["lr"] = c.vae_lr * min(1.0, (segment_steps + 1) / 100)
+                group["lr"] = lr
             optimizer.step()
             self.vae_ema.update()
             s["vae_step"] += 1
@@ -351,9 +377,10 @@ class Trainer:
             if s["vae_step"] % c.log_every == 0:
                 mean = window_mean(window)  # the one sync of the window
                 dt = (time.monotonic() - t_window) / len(window)
-                self.log(f"vae step {s['vae_step']}: l1 {mean['l1']:.4f} kl {mean['kl']:.3f} psnr {mean['psnr']:.2f} dB"
-                         f" | {dt * 1000:.0f} ms/step, {c.vae_batch / dt:.0f} clips/s")
-                self.history["vae"].append({"step": s["vae_step"], "elapsed_s": round(s["vae_seconds"], 1), **mean})
+                self.log(f"vae step {s['vae_step']}: l1 {mean['l1']:.4f} (decoded {mean['l1_decoded']:.4f}) kl {mean['kl']:.3f} psnr {mean['psnr']:.2f} dB"
+                         f" | lr {lr:.1e} {dt * 1000:.0f} ms/step, {c.vae_batch / dt:.0f} clips/s")
+                self.history["vae"].append({"step": s["vae_step"], "elapsed_s": round(s["vae_seconds"], 1), "lr": lr,
+                                            **mean})
                 window, t_window = [], time.monotonic()
             self._maybe_checkpoint()
         if s["vae_step"] >= c.vae_steps or s["vae_seconds"] >= c.vae_seconds:
@@ -437,6 +464,7 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(derived_seed(c.seed, s["segment"], STREAM_DIT))
         empty_ids, empty_mask = self.empty_ids.to(self.device), self.empty_mask.to(self.device)
         segment_steps, window, t_window, refresh_s = 0, {n: [] for n in self.twins}, time.monotonic(), 0.0
+        t_start, horizon = time.monotonic(), max(1e-6, self.time_left())  # what the schedule decays over
         while s["dit_step"] < c.dit_steps and self.time_left() > 0 and self.twins:
             t_step = time.monotonic()
             if segment_steps % c.refresh_every == 0:
@@ -448,7 +476,8 @@ class Trainer:
             mask = torch.where(drop[:, None, None], empty_mask, mask)
             noise = torch.randn(latents.shape, generator=generator, device=self.device)
             sigma = shifted_sigmas(torch.rand(c.batch, generator=generator, device=self.device), c.shift)
-            lr = c.lr * min(1.0, (segment_steps + 1) / max(1, c.warmup))
+            lr = scheduled_lr(c.lr, segment_steps, c.warmup, (time.monotonic() - t_start) / horizon, c.lr_schedule,
+                              c.lr_floor)
             for name, twin in list(self.twins.items()):
                 try:
                     with self.autocast():

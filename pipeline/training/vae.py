@@ -36,7 +36,7 @@ def build_vae(architecture: dict):
     return vae
 
 
-RECONSTRUCTION_LOSSES = ("l1", "mse", "l1+mse")
+RECONSTRUCTION_LOSSES = ("l1", "mse", "l1+mse", "l1-clamped")
 
 
 def check_pixel_loss(name: str) -> None:
@@ -46,24 +46,36 @@ def check_pixel_loss(name: str) -> None:
 
 def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None,
                         pixel_loss: str = "l1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """video (B, 3, F, H, W) in [-1, 1] -> (loss, {l1, kl, psnr}) for one reconstruction.
+    """video (B, 3, F, H, W) in [-1, 1] -> (loss, {l1, l1_decoded, kl, psnr}) for one reconstruction
+    (l1 on the raw decoder output, l1_decoded and psnr on what decode returns).
 
     pixel_loss: l1 | mse | l1+mse on the unclamped decoder output. Flat-colour targets sit at -1 or 1
     per channel, so an all-zero output is where L1's sign gradients cancel (L1 = 1.0 exactly: the
-    plateau runs 1-2 sat on); MSE's pull is proportional to the error."""
+    plateau runs 1-2 sat on); MSE's pull is proportional to the error.
+    l1-clamped: L1 of what decode returns (the output clamped to [-1, 1]), with the gradient passed
+    straight through the clamp. A pixel past the edge its target sits on is right as decoded and
+    costs nothing (plain L1 spends capacity pulling it back to exactly -1 or 1); a pixel past the
+    wrong edge still gets the full sign gradient (the clamp's own gradient would be 0 there: run 1)."""
     check_pixel_loss(pixel_loss)
     posterior = vae.encode(video).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator,
                                                      device=video.device, dtype=posterior.mean.dtype)
     recon = decode_unclamped(vae, z)  # (B, 3, F, H, W)
-    error = recon.float() - video.float()
+    recon = recon.float()
+    error = recon - video.float()
     l1 = error.abs().mean()
-    pixel = l1 if pixel_loss == "l1" else (error ** 2).mean() + (l1 if pixel_loss == "l1+mse" else 0.0)
+    if pixel_loss == "l1-clamped":
+        decoded = recon + (recon.clamp(-1.0, 1.0) - recon).detach()  # value clamped, gradient identity
+        pixel = (decoded - video.float()).abs().mean()
+    else:
+        pixel = l1 if pixel_loss == "l1" else (error ** 2).mean() + (l1 if pixel_loss == "l1+mse" else 0.0)
     kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
-    mse = ((recon.float().clamp(-1.0, 1.0) - video.float()) ** 2).mean().detach()
+    decoded_error = (recon.detach().clamp(-1.0, 1.0) - video.float())
+    mse = (decoded_error ** 2).mean()
     psnr = 10 * torch.log10(4.0 / mse.clamp(min=1e-10))  # peak-to-peak 2 in [-1, 1]
     # Parts stay 0-d device tensors (no sync per step); the trainer reads them when it logs.
-    return pixel + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach(), "psnr": psnr}
+    return pixel + kl_weight * kl, {"l1": l1.detach(), "l1_decoded": decoded_error.abs().mean(), "kl": kl.detach(),
+                                    "psnr": psnr}
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
