@@ -295,9 +295,14 @@ def test_smoke_run_resumes_and_installs_weights_the_loader_takes(tmp_path):
     assert second["state"]["segment"] == 1 and second["state"]["dit_step"] == 3
     assert {n: t["steps"] for n, t in second["twins"].items()} == {"dense": 3, "moga": 3}
 
-    reopened = Trainer(TrainConfig(**{**TrainConfig.smoke_defaults(), "out": str(tmp_path / "run3"),
-                                      "resume": str(tmp_path / "run2"), "reopen_vae": True, "vae_steps": 2,
-                                      "dit_steps": 1, "shot_cycle": (1,), "val_videos": 0})).run()
+    reopening = Trainer(TrainConfig(**{**TrainConfig.smoke_defaults(), "out": str(tmp_path / "run3"),
+                                       "resume": str(tmp_path / "run2"), "reopen_vae": True, "vae_steps": 2,
+                                       "dit_steps": 1, "shot_cycle": (1,), "val_videos": 0}))
+    # the reopened VAE's average starts again from its weights as trained, not from the old average
+    assert reopening.vae_ema.updates == 0
+    for name, p in reopening.vae.named_parameters():
+        assert torch.equal(reopening.vae_ema.shadow[name], p.detach().float())
+    reopened = reopening.run()
     assert reopened["state"]["vae_step"] == 2 and reopened["state"]["dit_step"] == 1  # DiTs started over
     assert {t["steps"] for t in reopened["twins"].values()} == {1}
 
