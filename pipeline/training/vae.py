@@ -1,8 +1,8 @@
 """The tiny Wan VAE: reconstruction training, latent statistics, and encoding for the DiT.
 
 A random AutoencoderKLWan decodes anything to noise, so the tiny model's VAE is trained first on
-procedural clips (flat colours, hard-edged shapes): L1 on pixels in [-1, 1] through a sampled
-posterior (so the decoder tolerates latents that are a little off, as a DiT's are) plus a small KL
+procedural clips (flat colours, hard-edged shapes): MSE (or L1, see reconstruction_loss) on
+pixels in [-1, 1] through a sampled posterior (so the decoder tolerates latents that are a little off, as a DiT's are) plus a small KL
 that keeps the latents bounded. Then its per-channel latent mean and std go into the VAE's config
 (latents_mean / latents_std), which is where Wan's pipeline and pipeline.video.decode read them:
 the DiT trains on (mu - mean) / std and the decoder undoes exactly that.
@@ -51,7 +51,9 @@ def reconstruction_loss(vae, video: torch.Tensor, kl_weight: float, generator: t
 
     pixel_loss: l1 | mse | l1+mse on the unclamped decoder output. Flat-colour targets sit at -1 or 1
     per channel, so an all-zero output is where L1's sign gradients cancel (L1 = 1.0 exactly: the
-    plateau runs 1-2 sat on); MSE's pull is proportional to the error.
+    plateau runs 1-2 sat on); MSE's pull is proportional to the error. Measured (docs/training.md):
+    with L1 the VAE's reconstructions settled into a few colours (runs 4-7), with MSE (run 8) it went
+    on to separate them.
     l1-clamped: L1 of what decode returns (the output clamped to [-1, 1]), with the gradient passed
     straight through the clamp. A pixel past the edge its target sits on is right as decoded and
     costs nothing (plain L1 spends capacity pulling it back to exactly -1 or 1); a pixel past the
