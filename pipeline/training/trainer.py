@@ -100,7 +100,7 @@ class TrainConfig:
     vae_kl_weight: float = 1e-4
     # On pixels: l1 | mse | l1+mse | l1-clamped (pipeline/training/vae.py). From the same seed and
     # data, L1 runs (4-7) settled into reconstructions with a few colours (L1 0.36-0.53 on the decoded
-    # output); MSE (run 8) passed them and reached 0.16 in 849 steps.
+    # output); MSE (runs 8-9) left that state at step ~700 and reached 0.080 by step 1,329.
     vae_loss: str = "mse"
     vae_ema: float = 0.999
     moment_batches: int = 8
@@ -380,7 +380,8 @@ class Trainer:
             if s["vae_step"] % c.log_every == 0:
                 mean = window_mean(window)  # the one sync of the window
                 dt = (time.monotonic() - t_window) / len(window)
-                self.log(f"vae step {s['vae_step']}: l1 {mean['l1']:.4f} (decoded {mean['l1_decoded']:.4f}) kl {mean['kl']:.3f} psnr {mean['psnr']:.2f} dB"
+                self.log(f"vae step {s['vae_step']}: l1 {mean['l1']:.4f} (decoded {mean['l1_decoded']:.4f}) "
+                         f"kl {mean['kl']:.3f} psnr {mean['psnr']:.2f} dB"
                          f" | lr {lr:.1e} {dt * 1000:.0f} ms/step, {c.vae_batch / dt:.0f} clips/s")
                 self.history["vae"].append({"step": s["vae_step"], "elapsed_s": round(s["vae_seconds"], 1), "lr": lr,
                                             **mean})

@@ -2,8 +2,8 @@
 
 A random AutoencoderKLWan decodes anything to noise, so the tiny model's VAE is trained first on
 procedural clips (flat colours, hard-edged shapes): MSE (or L1, see reconstruction_loss) on
-pixels in [-1, 1] through a sampled posterior (so the decoder tolerates latents that are a little off, as a DiT's are) plus a small KL
-that keeps the latents bounded. Then its per-channel latent mean and std go into the VAE's config
+pixels in [-1, 1] through a sampled posterior (so the decoder tolerates latents that are a little
+off, as a DiT's are) plus a small KL that keeps the latents bounded. Then its per-channel latent mean and std go into the VAE's config
 (latents_mean / latents_std), which is where Wan's pipeline and pipeline.video.decode read them:
 the DiT trains on (mu - mean) / std and the decoder undoes exactly that.
 """
