@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -55,6 +55,7 @@ class BatchRun:
     results: list[VideoResult]  # in the order the videos were given
     group_start_s: dict[str, float]  # per group that started: seconds until it was ready
     videos_s: float  # from the first group being ready to the last video's end (the batch's work)
+    group_phases: dict[str, dict[str, float]] = field(default_factory=dict)  # per group: seconds per phase
 
 
 def run_batch(videos: list[VideoEntry], cfg, display: ProgressDisplay, groups: int = 0) -> BatchRun:
@@ -74,7 +75,7 @@ def run_batch(videos: list[VideoEntry], cfg, display: ProgressDisplay, groups: i
         batch.run()
     finally:
         _stop(batch.schedulers)
-    return BatchRun([batch.results[v.name] for v in videos], batch.started, batch.videos_s)
+    return BatchRun([batch.results[v.name] for v in videos], batch.started, batch.videos_s, batch.phases)
 
 
 class _Batch:
@@ -90,6 +91,7 @@ class _Batch:
         self.finishing: dict = {}  # ref of finish_video -> (scheduler, entry)
         self.results: dict[str, VideoResult] = {}
         self.started: dict[str, float] = {}  # scheduler -> seconds its group took to start
+        self.phases: dict[str, dict[str, float]] = {}  # scheduler -> its group's start-up phases
         self.start_errors: list[str] = []
         self.first_ready, self.videos_s = 0.0, 0.0
 
@@ -119,6 +121,7 @@ class _Batch:
             ray.kill(self.schedulers.pop(name), no_restart=True)
             return
         self.started[name] = info["start_s"]
+        self.phases[name] = info.get("phases", {})
         self.first_ready = self.first_ready or time.perf_counter()
         self.display.message(f"group {name}: ready in {info['start_s']:.1f} s on {info['node_ip']}")
 

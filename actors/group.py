@@ -58,6 +58,8 @@ class WorkerGroup:
         self.writer = None  # the BlockWriter actor in the last bundle
         self.builds = 0  # worker sets started (1 + rebuilds)
         self.start_s = 0.0  # seconds the first start took, waiting for resources included
+        # seconds of each phase of the last build, in order (what a start-up's time went on)
+        self.start_phases: dict[str, float] = {}
 
     # --- resources --------------------------------------------------------------------------------
     def worker_bundle(self) -> dict[str, float]:
@@ -103,8 +105,10 @@ class WorkerGroup:
         t0 = time.perf_counter()
         self.pg = placement_group(self.bundles(), strategy="STRICT_PACK")
         self._wait_for_bundles(self.cfg.cluster.resource_timeout_s if timeout_s is None else timeout_s)
+        bundles_s = time.perf_counter() - t0
         try:
             self._start_workers(with_writer=self.with_writer)
+            self.start_phases = {"bundles": bundles_s, **self.start_phases}
         except BaseException:
             self.shutdown()
             raise
@@ -135,19 +139,28 @@ class WorkerGroup:
         """Workers in bundles 0..P-1, through the phases; with `with_writer` a new writer too, started
         alongside (its imports and VAE load overlap the workers' start)."""
         self.builds += 1
+        phases, t_phase = {}, time.perf_counter()
+
+        def done(phase: str) -> None:
+            nonlocal t_phase
+            phases[phase], t_phase = time.perf_counter() - t_phase, time.perf_counter()
+
         actor = ray.remote(concurrency_groups={CONTROL: 1})(RayWorker)
         actors = [actor.options(**self.worker_options(i)).remote(self.cfg) for i in range(self.size)]
         self.workers = actors  # so that a failure below kills them all
         writer = self._new_writer() if with_writer else None
         try:
             placements = ray.get([a.placement.remote() for a in actors])
+            done("processes")  # the actors' processes up (imports included)
             order = sorted(range(self.size), key=lambda i: placements[i].sort_key())
             self.workers = [actors[i] for i in order]
             self.placements = [placements[i] for i in order]
             self._gather([w.set_device.remote(*d) for w, d in zip(self.workers, self.device_plan())])
+            done("device")
             writer_ready = self._load_writer(writer) if writer is not None else []
             if self.load_model:
                 self._gather([self.workers[0].fetch_weights.remote()])
+                done("weights")
             if self.size == 1:
                 self._gather([self.workers[0].join_group.remote(None)])
             else:
@@ -156,9 +169,13 @@ class WorkerGroup:
                 p = self.cfg.parallel
                 self._gather([w.join_group.remote(Rendezvous(host, port, r, self.size, p.backend, p.timeout_s))
                               for r, w in enumerate(self.workers)])
+            done("process_group")
             if self.load_model:
                 self._gather([w.load_model.remote() for w in self.workers])
+                done("model")
             ray.get(writer_ready)
+            done("writer_wait")  # what the writer's start added after the workers were ready
+            self.start_phases = phases
         except RayActorError as e:
             self._kill_workers()
             if writer is not None:

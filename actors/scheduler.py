@@ -31,7 +31,8 @@ class Scheduler:
     def start(self) -> dict:
         """Build the group and its writer (waiting for resources)."""
         self.group.start()
-        return {"start_s": self.group.start_s, "node_ip": self.group.placements[0].node_ip}
+        return {"start_s": self.group.start_s, "node_ip": self.group.placements[0].node_ip,
+                "phases": dict(self.group.start_phases)}
 
     def run_video(self, cfg, line: int = 0) -> str:
         """Denoise every block of video `cfg`; returns its name once the group is free again."""

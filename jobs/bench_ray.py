@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ngroups: {groups} (ready after {', '.join(f'{s:.1f}' for s in run.group_start_s.values())} s); "
           f"videos: {len(results)}; "
           f"failed: {sum(r.status == 'failed' for r in results)}")
+    for name, phases in run.group_phases.items():  # where each group's start-up went
+        print(f"group {name} start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
     print(f"sum of denoising compute:          {denoise:9.2f} s")
     print(f"sum of video wall times:           {videos_wall:9.2f} s  {videos_wall / max(denoise, 1e-9):6.3f}x denoising")
     print(f"batch wall, first group ready..end: {run.videos_s:8.2f} s  "
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                       "random_weights_s": round(weights_s, 3), "ray_init_s": round(ray_init_s, 3),
                       "ratio": round(run.videos_s / max(per_group, 1e-9), 4),
                       "group_start_s": {k: round(v, 2) for k, v in run.group_start_s.items()},
+                      "group_phases_s": {g: {k: round(v, 3) for k, v in phases.items()}
+                                         for g, phases in run.group_phases.items()},
                       "per_video": [{"name": r.name, "status": r.status, **{k: round(v, 3) for k, v in
                                                                             vars(r.timings).items()}}
                                     for r in results]}))

@@ -29,6 +29,9 @@ def test_two_groups_rank_order_and_a_rebuild_beside_an_undisturbed_group(ray_clu
             assert [p.sort_key() for p in g.placements] == sorted(p.sort_key() for p in g.placements)
             assert len({p.node_id for p in g.placements}) == 1  # STRICT_PACK
             assert g.device_plan() == [(None, None), (None, None)]
+            # the start-up's phases, in order, account for its time (no model: no weights or model phase)
+            assert list(g.start_phases) == ["bundles", "processes", "device", "process_group", "writer_wait"]
+            assert min(g.start_phases.values()) >= 0 and sum(g.start_phases.values()) <= g.start_s
 
         ray.kill(hit.workers[1], no_restart=True)
         with pytest.raises(WorkerLost, match="worker group hit"):
