@@ -87,6 +87,7 @@ class _Batch:
     def __init__(self, videos: list[VideoEntry], display: ProgressDisplay, schedulers: dict):
         self.queue, self.display, self.schedulers = deque(videos), display, schedulers
         self.starting = {s.start.remote(): name for name, s in schedulers.items()}
+        self.created = time.perf_counter()  # the schedulers' actors were just created
         self.denoising: dict = {}  # ref of run_video -> (scheduler, entry)
         self.finishing: dict = {}  # ref of finish_video -> (scheduler, entry)
         self.results: dict[str, VideoResult] = {}
@@ -121,7 +122,9 @@ class _Batch:
             ray.kill(self.schedulers.pop(name), no_restart=True)
             return
         self.started[name] = info["start_s"]
-        self.phases[name] = info.get("phases", {})
+        # the scheduler's own process start (imports included) precedes its group's phases
+        scheduler_s = max(0.0, time.perf_counter() - self.created - info["start_s"])
+        self.phases[name] = {"scheduler": scheduler_s, **info.get("phases", {})}
         self.first_ready = self.first_ready or time.perf_counter()
         self.display.message(f"group {name}: ready in {info['start_s']:.1f} s on {info['node_ip']}")
 

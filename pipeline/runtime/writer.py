@@ -8,10 +8,13 @@ store, multipart on S3), then `finish(metadata)` or `abort()` (nothing of the vi
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from pipeline.runtime.worker import select_device
 from pipeline.storage import open_store
-from pipeline.video.writer import VideoWriter
+
+if TYPE_CHECKING:
+    from pipeline.video.writer import VideoWriter
 
 
 class BlockWriter:
@@ -27,6 +30,7 @@ class BlockWriter:
         return self.device
 
     def load_vae(self) -> None:
+        import pipeline.video.writer  # noqa: F401  (imported with the VAE, not at the first video's open)
         from pipeline.models import load_model
 
         # The whole bundle is read on the CPU and only the VAE kept (and moved to the device).
@@ -37,6 +41,10 @@ class BlockWriter:
 
     def open(self, cfg) -> None:
         """Start the video `cfg` (its name, fps, storage and output settings); drops any unfinished one."""
+        # Imported here, in the writer's process: the decode/encode chain (diffusers, av) costs ~3 s of
+        # imports that the scheduler, which only creates this actor from the class, need not pay.
+        from pipeline.video.writer import VideoWriter
+
         self.abort(None)
         self.video = VideoWriter(open_store(cfg.storage), cfg.video.name, self.vae, cfg.video.fps, cfg.output)
 
