@@ -153,3 +153,15 @@ def test_segments_on_cuda_every_path(path):
     want_o, want_lse = reference_attention(qm, km, vm, (owner[:, None] == owner[None, :])[None, None], return_lse=True)
     torch.testing.assert_close(o.float(), want_o[0], atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(lse, want_lse[0], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_segment_counts_equal_bincount_without_reading_back(dtype):
+    from pipeline.attention.backends.rows import segment_counts
+
+    ids = torch.randint(0, 7, (1000,), dtype=dtype)
+    ids[ids == 3] = 4  # an empty segment in the middle
+    expected = torch.bincount(ids.long(), minlength=9)  # two empty ones at the end
+    assert torch.equal(segment_counts(ids, 9), expected) and segment_counts(ids, 9).dtype == torch.int64
+    assert torch.equal(segment_counts(ids.view(10, 100), 9), expected)  # any shape: counted flat
+    assert torch.equal(segment_counts(ids[:0], 4), torch.zeros(4, dtype=torch.int64))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attention.backends.rows import take_rows
+from pipeline.attention.backends.rows import segment_counts, take_rows
 from pipeline.attention.backends.segments import cu_seqlens_from_counts
 from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing
 
@@ -40,7 +40,7 @@ KMEANS_SHARPNESS = 16.0  # router logits = sharpness * cos(x, centroid) * |x| / 
 def group_balance_loss(probs: torch.Tensor, groups: torch.Tensor, alpha: float) -> torch.Tensor:
     """L_gb = alpha * M * sum_i F_i * P_i over all tokens; probs (B, N, M) fp32, groups (B, N)."""
     m = probs.shape[-1]
-    fraction = torch.bincount(groups.flatten(), minlength=m).float() / groups.numel()  # F_i (no gradient)
+    fraction = segment_counts(groups.flatten(), m).float() / groups.numel()  # F_i (no gradient)
     mean_prob = probs.reshape(-1, m).mean(0)  # P_i
     return alpha * m * (fraction * mean_prob).sum()
 
@@ -121,7 +121,7 @@ class Permutation:
         order = torch.argsort(segment, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return cls(order, inverse, torch.bincount(segment, minlength=num_segments))
+        return cls(order, inverse, segment_counts(segment, num_segments))
 
     @property
     def counts(self) -> list[int]:

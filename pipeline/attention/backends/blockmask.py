@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.attention.backends.gathered import gathered_attention
+from pipeline.attention.backends.rows import segment_counts
 
 FLEX_BLOCK = 128  # FlexAttention's sparse block (q and kv), its default and the H100 sweet spot
 GATHER_MIN_TOKENS = 1024  # "gather" from this many query tokens per segment (mean) up
@@ -80,8 +81,8 @@ def count_pairs(masks: Sequence[SegmentMask], batch: int, heads: int) -> float:
     first = masks[0]
     dev = first.allowed.device
     if len(masks) == 1:
-        cq = torch.bincount(first.q_segment, minlength=first.allowed.shape[2]).double()
-        ck = torch.bincount(first.k_segment, minlength=first.allowed.shape[3]).double()
+        cq = segment_counts(first.q_segment, first.allowed.shape[2]).double()
+        ck = segment_counts(first.k_segment, first.allowed.shape[3]).double()
         per = (first.allowed.double() * cq[:, None] * ck[None, :]).sum((-1, -2))  # (B|1, H|1)
     elif len(masks) == 2:
         second = masks[1]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.attention.backends.rows import put_rows, take_rows
+from pipeline.attention.backends.rows import put_rows, segment_counts, take_rows
 
 if TYPE_CHECKING:
     from pipeline.attention.backends.blockmask import SegmentMask
@@ -94,8 +94,8 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     nk = k.shape[1]
     sq, sk = mask.allowed.shape[2:]
     dev = q.device
-    q_counts = torch.bincount(mask.q_segment, minlength=sq)
-    k_counts = torch.bincount(mask.k_segment, minlength=sk)
+    q_counts = segment_counts(mask.q_segment, sq)
+    k_counts = segment_counts(mask.k_segment, sk)
     allowed = mask.allowed.expand(b, h, sq, sk)
     host = torch.cat([allowed.reshape(-1).long(), q_counts, k_counts]).cpu()  # one device->host copy
     allowed_h = host[:allowed.numel()].view(b, h, sq, sk).bool()

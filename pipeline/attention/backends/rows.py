@@ -1,4 +1,4 @@
-"""Row gathers and scatters that move whole rows as 8-byte words.
+"""Row gathers and scatters that move whole rows as 8-byte words, and rows counted per segment.
 
 index_select / index_copy_ on CUDA spend index arithmetic on every element; a bf16 row of H * D
 values is H * D elements of 2 bytes. Viewing each row as int64 words moves the same bytes with a
@@ -47,3 +47,13 @@ def put_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch
         return out.index_copy_(0, index, src)
     out_words.index_copy_(0, index, src_words)
     return out
+
+
+def segment_counts(segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(num_segments,) int64: how many entries of `segment` (integer ids in [0, num_segments)) hold each id.
+
+    torch.bincount's CUDA kernel reads the ids' min and max back to the host to size its output
+    (two stream syncs per call); with the size known, a scatter-add counts without any."""
+    index = segment.reshape(-1).long()
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=segment.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index))
