@@ -107,8 +107,7 @@ class WorkerGroup:
         self._wait_for_bundles(self.cfg.cluster.resource_timeout_s if timeout_s is None else timeout_s)
         bundles_s = time.perf_counter() - t0
         try:
-            self._start_workers(with_writer=self.with_writer)
-            self.start_phases = {"bundles": bundles_s, **self.start_phases}
+            self.start_phases = {"bundles": bundles_s, **self._start_workers(with_writer=self.with_writer)}
         except BaseException:
             self.shutdown()
             raise
@@ -120,7 +119,7 @@ class WorkerGroup:
             return self.start()
         self._kill_workers()
         self._wait_for_bundles(self.cfg.cluster.resource_timeout_s)
-        self._start_workers(with_writer=self.with_writer and not self.writer_alive())
+        self.start_phases = self._start_workers(with_writer=self.with_writer and not self.writer_alive())
 
     def repair(self) -> None:
         """Between videos: dead workers (or a group that failed) are replaced, and so is a dead writer."""
@@ -135,9 +134,9 @@ class WorkerGroup:
             ray.get(self._load_writer(writer))
             self.writer = writer
 
-    def _start_workers(self, with_writer: bool) -> None:
+    def _start_workers(self, with_writer: bool) -> dict[str, float]:
         """Workers in bundles 0..P-1, through the phases; with `with_writer` a new writer too, started
-        alongside (its imports and VAE load overlap the workers' start)."""
+        alongside (its imports and VAE load overlap the workers' start). Returns seconds per phase."""
         self.builds += 1
         phases, t_phase = {}, time.perf_counter()
 
@@ -175,7 +174,6 @@ class WorkerGroup:
                 done("model")
             ray.get(writer_ready)
             done("writer_wait")  # what the writer's start added after the workers were ready
-            self.start_phases = phases
         except RayActorError as e:
             self._kill_workers()
             if writer is not None:
@@ -183,6 +181,7 @@ class WorkerGroup:
             raise WorkerLost(f"worker group {self.name}: an actor died while starting: {e}") from None
         if writer is not None:
             self.writer = writer
+        return phases
 
     def worker_options(self, bundle: int) -> dict[str, Any]:
         """Ray actor options of the worker in bundle `bundle` of this build."""
