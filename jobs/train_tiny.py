@@ -2,6 +2,7 @@
 
     python -m jobs.train_tiny train --out DIR [--resume PREV_DIR] [--smoke] [--time-budget-s 540] [...]
     python -m jobs.train_tiny install DIR/weights.tar [--dest pipeline/models/weights]
+    python -m jobs.train_tiny sheet DIR/samples.npz|VIDEO.mp4 OUT.png [--columns 5]
 
 `train` runs on the GPU machine (torch + diffusers + omegaconf suffice) within one call's wall clock
 and leaves weights.tar, ckpt-*.pt, summary.json, samples.npz and train.log in --out; --resume DIR
@@ -54,8 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     install = sub.add_parser("install", help="put a run's weights.tar into the package (needs transformers)")
     install.add_argument("weights", help="weights.tar of a training run (or the --out directory holding it)")
     install.add_argument("--dest", default=None, help="default: pipeline/models/weights")
+    sheet = sub.add_parser("sheet", help="a PNG of a run's validation videos (rows: ground truth, VAE, twins) "
+                                         "or of one generated video")
+    sheet.add_argument("samples", help="samples.npz of a training run, or a video file")
+    sheet.add_argument("png")
+    sheet.add_argument("--columns", type=int, default=5, help="frames per row, spread over the video")
     args = parser.parse_args(argv)
 
+    if args.command == "sheet":
+        from pipeline.training.sheet import write_sheet
+
+        try:
+            height, width = write_sheet(Path(args.samples), Path(args.png), args.columns)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"train_tiny sheet: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.png}: {width}x{height}")
+        return 0
     if args.command == "install":
         from pipeline.training.install import WEIGHTS_DIR, install_weights
 

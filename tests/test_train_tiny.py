@@ -262,6 +262,52 @@ def test_lr_schedule_warms_up_then_follows_the_cosine_to_the_floor():
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_contact_sheet_puts_each_video_source_in_a_row_and_frames_in_columns(tmp_path):
+    from PIL import Image
+
+    from jobs.train_tiny import main
+    from pipeline.training.sheet import contact_sheet
+
+    rng = np.random.default_rng()
+    t, h, w = 9, 4, 6
+    samples = {f"{source}_{video}": rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+               for video in (1, 0) for source in ("dense", "vae", "ground_truth")}
+    sheet = contact_sheet(samples, columns=3)
+    assert sheet.shape == (6 * h, 3 * w, 3)
+    for row, key in enumerate(["ground_truth_0", "vae_0", "dense_0", "ground_truth_1", "vae_1", "dense_1"]):
+        for column, frame in enumerate((0, 4, 8)):  # first, middle, last of 9 frames
+            assert np.array_equal(sheet[row * h:(row + 1) * h, column * w:(column + 1) * w], samples[key][frame])
+    np.savez(tmp_path / "samples.npz", **samples)
+    assert main(["sheet", str(tmp_path / "samples.npz"), str(tmp_path / "s.png"), "--columns", "3"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s.png")), sheet)
+    with pytest.raises(ValueError, match="'noise'"):
+        contact_sheet({"noise": samples["vae_0"]})
+    assert main(["sheet", str(tmp_path / "absent.npz"), str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_contact_sheet_of_a_video_is_one_row_of_its_decoded_frames(tmp_path):
+    import av
+    from PIL import Image
+
+    from jobs.train_tiny import main
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255)]  # one per frame
+    with av.open(str(tmp_path / "v.mp4"), "w") as c:
+        stream = c.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for colour in colours:
+            frame = np.broadcast_to(np.array(colour, np.uint8), (32, 32, 3)).copy()
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(stream.encode())
+    assert main(["sheet", str(tmp_path / "v.mp4"), str(tmp_path / "v.png"), "--columns", "3"]) == 0
+    sheet = np.asarray(Image.open(tmp_path / "v.png")).astype(int)
+    assert sheet.shape == (32, 96, 3)
+    for column, frame in enumerate((0, 2, 4)):
+        mean = sheet[:, column * 32:(column + 1) * 32].reshape(-1, 3).mean(0)
+        assert np.abs(mean - colours[frame]).max() < 12, (column, mean)
+
+
 def _smoke(out: Path, **changes) -> dict:
     values = {**TrainConfig.smoke_defaults(), "out": str(out), "vae_steps": 1, "dit_steps": 2, "val_steps": 1,
               "shot_cycle": (1,), **changes}
