@@ -37,7 +37,7 @@ SMALL = ["video.height=48", "video.width=48", "video.fps=4", "sampling.steps=2",
 SHOTS = "video.shots=[{prompt: a red circle, seconds: 2}, {prompt: a blue square, seconds: 1}, " \
         "{prompt: a green line, seconds: 1.5}]"
 LONG = "video.shots=[{prompt: a red circle, seconds: 5}, {prompt: a blue square, seconds: 4}]"  # 6 + 4 frames
-FAMILY = {"sana": ["model=tiny-sana", "attention=linear", "attention.linear.causal=true"], "wan": []}
+FAMILY = {"sana": ["model=tiny-sana", "attention=linear", "attention.linear.causal=true"], "wan": ["model=tiny-wan"]}
 
 
 def make_cfg(cache, family, *overrides):

@@ -12,8 +12,8 @@ DEMO = CONFIG_DIR / "examples" / "demo.yaml"
 
 def test_demo_loads_with_presets_resolved():
     cfg = load_config(DEMO)
-    assert cfg.model.preset == "tiny-wan" and cfg.model.family == "wan"
-    assert cfg.model.architecture.transformer.num_layers == 2
+    assert cfg.model.preset == "tiny-trained" and cfg.model.family == "wan"
+    assert cfg.model.path == "pipeline/models/weights/tiny-trained"  # the weights shipped in the package
     assert cfg.attention.method == "dense"
     assert [s.seconds for s in cfg.video.shots] == [2.0, 2.0]
     assert to_dict(cfg)["storage"]["uri"] == "file://outputs"

@@ -25,7 +25,7 @@ def test_shipped_batch_resolves_each_entry_onto_the_base():
     assert m.names == ["circle", "square", "stripes"] and m.source == "batch.jsonl"
     circle, square, stripes = (v.config for v in m.videos)
     assert [s.seconds for s in circle.video.shots] == [2.0, 1.0] and circle.video.seed == 1
-    assert square.sampling.steps == 4 and circle.sampling.steps == 6  # entry overrides stay per video
+    assert square.sampling.steps == 4 and circle.sampling.steps == 10  # entry overrides stay per video
     assert stripes.video.fps == 6 and circle.video.fps == 8
     assert all(v.config.video.height == 64 for v in m.videos)  # command-line overrides reach every video
     assert [v.line for v in m.videos] == [1, 2, 3]

@@ -24,7 +24,7 @@ from pipeline.runtime.worker import Worker
 ])
 def test_degree_not_dividing_known_heads_is_one_config_line(overrides, heads, hint):
     with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
+        load_config(None, ["model=tiny-wan", *overrides])
     degree = int(overrides[0].split("=")[1])
     message = str(e.value)
     assert message.startswith(f"parallel.degree: must divide the model's {heads} attention heads (Ulysses ")
@@ -41,12 +41,12 @@ def test_degree_not_dividing_known_heads_is_one_config_line(overrides, heads, hi
     ["parallel.degree=5", "model=wan2.1-t2v-1.3b"],  # heads known to the weights only: checked by parallelize
 ])
 def test_degrees_that_can_run_pass(overrides):
-    assert load_config(None, overrides).parallel.degree == int(overrides[0].split("=")[1])
+    assert load_config(None, ["model=tiny-wan", *overrides]).parallel.degree == int(overrides[0].split("=")[1])
 
 
 def _worker(model_cache: str, world: int, *overrides: str) -> Worker:
     """A rank's Worker whose context claims `world` ranks (parallelize only wraps; nothing communicates)."""
-    worker = Worker(load_config(None, [f"model.cache_dir={model_cache}", *overrides]))
+    worker = Worker(load_config(None, [f"model.cache_dir={model_cache}", "model=tiny-wan", *overrides]))
     worker.ctx = ParallelContext(0, world, None, torch.device("cpu"))
     return worker
 

@@ -53,7 +53,7 @@ def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def family_config(family: str):
-    return load_config(None, ["model=tiny-sana", "attention=linear"] if family == "sana" else [])
+    return load_config(None, ["model=tiny-sana", "attention=linear"] if family == "sana" else ["model=tiny-wan"])
 
 
 def build(family: str, method: str, section: dict, cfg=None):

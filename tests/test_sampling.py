@@ -11,7 +11,7 @@ from pipeline.sampling.denoise import Denoiser, block_noise
 from pipeline.sampling.plan import ShotPlan
 from pipeline.sampling.schedulers import make_scheduler
 
-FAST = ["model.device=cpu", "video.height=32", "video.width=32", "video.fps=4", "sampling.steps=2",
+FAST = ["model=tiny-wan", "model.device=cpu", "video.height=32", "video.width=32", "video.fps=4", "sampling.steps=2",
         "video.shots=[{prompt: a red circle, seconds: 1.25}, {prompt: a blue square, seconds: 1}]"]
 SANA = ["model=tiny-sana", "attention=linear"]
 
@@ -25,7 +25,7 @@ def cache(tmp_path_factory):
 def bundles(cache):
     """One loaded model per family for the module (adapters are rebuilt per method: cheap)."""
     return {family: load_model(load_config(None, [f"model.cache_dir={cache}", "model.device=cpu", *extra]).model)
-            for family, extra in (("wan", []), ("sana", SANA))}
+            for family, extra in (("wan", ["model=tiny-wan"]), ("sana", SANA))}
 
 
 def _setup(bundles, cache, *overrides):
