@@ -17,7 +17,7 @@ whole layer (router, gate, gather/scatter); moga with a new random router every 
 change every call, as they do between steps and layers of a real run: cuDNN builds an execution
 plan per new shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1); stga with whole-frame and
 quarter-frame windows (both divide the 480p grid: one batched call); moga+stga (lse merge; on the
-GPU both exact routes, bias and cells, on the same inputs); moc (4 shots, chunk size and top-k set
+GPU both exact routes, cells (the default) and bias, on the same inputs); moc (4 shots, chunk size and top-k set
 for ~15% density); lite (a sparse step after the full steps, and one full step); linear. The note column names the kernel path where a method has several.
 q and k carry a per-frame component (tokens of a frame share a direction), so lite and moc have
 structure to find; that does not change what dense, moga or stga compute.
@@ -45,7 +45,6 @@ from pipeline.attention import METHODS, build_method, method_names
 from pipeline.attention.base import AttentionMeta, Routing, StateSlot
 from pipeline.attention.backends.blockmask import choose_block_sparse_path
 from pipeline.attention.moga import MoGARouter, kmeans_init
-from pipeline.attention.moga_stga import union_route
 from pipeline.attention.reference import reference_attention
 from pipeline.attention.rope import apply_rope
 from pipeline.config import AttentionConfig
@@ -171,16 +170,15 @@ def build_cases(n_tokens: int, heads: int, dim: int, device, dtype, only: set[st
                                      q, k, v, lambda: AttentionMeta(layout=layout)))
     if want("moga+stga"):
         method = build("moga+stga", merge="lse", stga={"window": [1, GRID[0], GRID[1]]})
-        route = union_route(method.windows(layout, device), torch.device(device), dtype, False)
         cases.append(method_case("moga+stga lse, 1x30x52 (layer)", method, q, k, v,
                                  lambda: AttentionMeta(layout=layout), routed(balanced, random_hidden),
-                                 f"{route} route"))
-        if route != "cells":  # the other exact route on the same inputs: which one should be the default
-            cells = build("moga+stga", merge="lse", stga={"window": [1, GRID[0], GRID[1]]})
-            cells.route = "cells"
-            cases.append(method_case("moga+stga lse, 1x30x52 (layer)", cells, q, k, v,
+                                 f"{method.route} route"))
+        if torch.device(device).type == "cuda" and dtype != torch.float32:  # the other exact route on the same inputs
+            bias = build("moga+stga", merge="lse", stga={"window": [1, GRID[0], GRID[1]]})
+            bias.route = "bias"
+            cases.append(method_case("moga+stga lse, 1x30x52 (layer)", bias, q, k, v,
                                      lambda: AttentionMeta(layout=layout), routed(balanced, random_hidden),
-                                     "cells route (forced)"))
+                                     "bias route (forced)"))
     if want("moc"):
         shots = [frames // 4 + (1 if i < frames % 4 else 0) for i in range(4)] if frames >= 4 else [frames]
         shot_layout = VideoLayout(frames, *GRID, shot_frames=tuple(shots))

@@ -222,10 +222,10 @@ def test_moga_on_cuda_bf16_equals_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
-@pytest.mark.parametrize("window", [(1, 30, 52), (2, 8, 8)])
-def test_moga_stga_on_cuda_bf16_equals_reference(window):
-    """(1, 30, 52): the bias route (cuDNN groups, one batched window call over W \\ G); (2, 8, 8): the
-    cells route (varlen cells and windows); all with lse, merged exactly."""
+@pytest.mark.parametrize("window, route", [((1, 30, 52), "cells"), ((1, 30, 52), "bias"), ((2, 8, 8), "cells")])
+def test_moga_stga_on_cuda_bf16_equals_reference(window, route):
+    """cells (the default: cuDNN groups, windows and cells); bias, forced (one batched window call over
+    W \\ G, equal windows only); all with lse, merged exactly."""
     layout = VideoLayout(4, 30, 52, shot_frames=(1, 3))
     n = layout.num_tokens
     groups = torch.randint(0, 5, (1, n), device="cuda")
@@ -233,6 +233,8 @@ def test_moga_stga_on_cuda_bf16_equals_reference(window):
     gate = torch.rand(1, n, device="cuda")
     q, k, v = (torch.randn(1, n, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     method = moga_stga_method("lse", window, "cuda", torch.bfloat16)
+    assert method.route == "cells"
+    method.route = route
     o = method(q, k, v, AttentionMeta(layout=layout, routing=Routing(groups, gate, 5)))
     windows = method.windows(layout).token_window.cuda()
     union = (groups[:, :, None] == groups[:, None, :]) | (windows[:, None] == windows[None, :])

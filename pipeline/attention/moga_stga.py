@@ -14,17 +14,22 @@ merged by log-sum-exp: with Z_S = sum_{j in S} exp(s_ij) and o_S the attention o
 
     o_union = (Z_G o_G + Z_{W\\G} o_{W\\G}) / (Z_G + Z_{W\\G}).
 
-Two routes to the W \\ G term (union_route picks one; both exact):
+Two exact routes to the W \\ G term ("cells" unless a method instance forces "bias"):
 
-- "bias" (equal windows, no text, CUDA half precision, no autograd): the windows run as ONE batched
-  dense call (STGA's fast path) with an additive bias of -1e30 on the keys of the query's own group,
-  so the branch attends to W \\ G itself (exp of a biased logit is exactly 0 in fp32; a query whose
-  whole window is in its group gets lse ~ -1e30, i.e. weight 0). No cells, a plain two-way merge.
-- "cells" (everything else, and under autograd): W \\ G is not a segment, so its sums are taken as
-  those of W minus those of the cell C(i) = W(i) ∩ G(i): Z_{W\\G} o_{W\\G} = Z_W o_W - Z_C o_C. All
-  three branches (groups, windows, cells) are plain segment attentions returning lse; Z_C <= Z_W and
-  Z_C <= Z_G, so the combination never divides by less than the largest partial sum. Extra work:
-  the cells, sum_c n_c^2 <= sum_w n_w^2.
+- "cells" (the default; anywhere, autograd included): W \\ G is not a segment, so its sums are
+  taken as those of W minus those of the cell C(i) = W(i) ∩ G(i): Z_{W\\G} o_{W\\G} = Z_W o_W - Z_C o_C.
+  All three branches (groups, windows, cells) are plain segment attentions returning lse; Z_C <= Z_W
+  and Z_C <= Z_G, so the combination never divides by less than the largest partial sum. Extra
+  work: the cells, sum_c n_c^2 <= sum_w n_w^2.
+- "bias" (equal windows, no text, no autograd): the windows run as ONE batched dense call (STGA's
+  fast path) with an additive bias of -1e30 on the keys of the query's own group, so the branch
+  attends to W \\ G itself (exp of a biased logit is exactly 0 in fp32; a query whose whole window
+  is in its group gets lse ~ -1e30, i.e. weight 0). No cells, a plain two-way merge, but a bias of
+  (windows, w, w) in q's dtype: 467 MB at 150k tokens, 1.8 GB at 580k.
+
+Measured on the same inputs (jobs/bench_attention.py times both), cells was as fast or faster in 3
+of 4 runs (H100 150k: 54.80 vs 54.96 ms, 580k: 779.0 vs 786.6 ms; H200 150k: 53.22 vs 55.42 ms;
+bias ahead by 0.55 ms once, at 150k before the host-overhead work), and it allocates no bias.
 
 Tokens are sorted once by (batch row, group, window): groups and cells are contiguous segments of
 one gather. The merge weights (with the gate folded in) are formed on the small (T, H) lse tensors;
@@ -45,14 +50,6 @@ from pipeline.attention.stga import StgaWindows, from_windows, lse_from_windows,
 MASKED = -1e30  # additive bias on excluded keys: exp(s - 1e30 - max) is exactly 0 in fp32
 BIAS_BYTES = 1 << 31  # windows per dense call in the "bias" route: the bias stays under 2 GiB
 _ALIGN = 16  # bias rows padded to 16 elements (the memory-efficient kernel's alignment; cuDNN is indifferent)
-
-
-def union_route(windows: StgaWindows, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
-    """'bias' or 'cells' for merge = lse (the module docstring says what each does and when)."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    if windows.grid is not None and device.type == "cuda" and half and not needs_grad:
-        return "bias"
-    return "cells"
 
 
 def window_minus_group(backend, q, k, v, windows: StgaWindows, groups: torch.Tensor):
@@ -84,9 +81,9 @@ class MogaStgaAttention(AttentionMethod):
     name = "moga+stga"
     needs_routing = True
     cudnn_shapes_follow_data = True  # dense calls per group and per cell: lengths follow the router
-    # merge = lse: None lets union_route pick; "bias" or "cells" forces a route (both exact), so that a
-    # benchmark can time one against the other on the same inputs.
-    route: str | None = None
+    # merge = lse: the route to W \\ G (module docstring); "bias" can be forced on an instance, as
+    # jobs/bench_attention.py does to time one against the other on the same inputs.
+    route: str = "cells"
 
     def windows(self, layout, device: torch.device | str = "cpu") -> StgaWindows:
         return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots, device)
@@ -113,7 +110,7 @@ class MogaStgaAttention(AttentionMethod):
             o_window = window_attention(self.backend, q, k, v, windows)
         else:
             needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, routing.gate))
-            route = self.route or union_route(windows, q.device, q.dtype, needs_grad)
+            route = self.route
             if route not in ("bias", "cells") or (route == "bias" and (windows.grid is None or needs_grad)):
                 raise ValueError(f"moga+stga: route {route!r} cannot run here (bias: equal windows, no text, "
                                  f"no autograd; cells: anywhere)")
