@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     outside = job_wall - run.videos_s
     print(f"outside the batch:                 {outside:9.2f} s = ray.init {ray_init_s:.2f} s"
           f" + group start and shutdown {outside - ray_init_s:.2f} s"
-          f"   (random weights built before the clock: {weights_s:.2f} s)")
+          + (f"   (weights from model.path: {manifest.base.model.path})" if manifest.base.model.path
+             else f"   (random weights built before the clock: {weights_s:.2f} s)"))
     print(json.dumps({"bench": "ray", "manifest": manifest.source, "videos": len(results), "groups": groups,
                       "parallel_degree": manifest.base.parallel.degree, "cluster_gpus": gpus,
                       "mode": manifest.base.sampling.mode, "steps": manifest.base.sampling.steps,
