@@ -1,6 +1,6 @@
 """Contact sheet of a run's validation videos (samples.npz): per video, one row per source
 (ground truth, VAE reconstruction, each twin) and `columns` frames spread over the video; or of one
-generated video (.mp4), decoded with PyAV, in one row."""
+generated video (decoded as the checker decodes it), in one row."""
 
 from __future__ import annotations
 
@@ -40,13 +40,9 @@ def read_samples(path: Path) -> dict[str, np.ndarray]:
     if path.suffix == ".npz":
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
-    import av
+    from pipeline.procedural.videofile import read_mp4
 
-    with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"samples: {path} has no video frames")
-    return {"video_0": np.stack(frames)}
+    return {"video_0": read_mp4(path)}
 
 
 def write_sheet(source: Path, png: Path, columns: int = 5) -> tuple[int, int]:
@@ -57,6 +53,9 @@ def write_sheet(source: Path, png: Path, columns: int = 5) -> tuple[int, int]:
         raise FileNotFoundError(f"samples: no file {source}")
     sheet = contact_sheet(read_samples(source), columns)
     tmp = png.with_name(png.name + ".part")
-    Image.fromarray(sheet).save(tmp, format="PNG")
-    tmp.replace(png)
+    try:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+        tmp.replace(png)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after the rename
     return sheet.shape[:2]
