@@ -287,19 +287,13 @@ def test_contact_sheet_puts_each_video_source_in_a_row_and_frames_in_columns(tmp
 
 
 def test_contact_sheet_of_a_video_is_one_row_of_its_decoded_frames(tmp_path):
-    import av
     from PIL import Image
 
     from jobs.train_tiny import main
+    from pipeline.procedural.videofile import write_mp4
 
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255)]  # one per frame
-    with av.open(str(tmp_path / "v.mp4"), "w") as c:
-        stream = c.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        for colour in colours:
-            frame = np.broadcast_to(np.array(colour, np.uint8), (32, 32, 3)).copy()
-            c.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        c.mux(stream.encode())
+    write_mp4(tmp_path / "v.mp4", np.stack([np.full((32, 32, 3), c, np.uint8) for c in colours]), fps=8)
     assert main(["sheet", str(tmp_path / "v.mp4"), str(tmp_path / "v.png"), "--columns", "3"]) == 0
     sheet = np.asarray(Image.open(tmp_path / "v.png")).astype(int)
     assert sheet.shape == (32, 96, 3)
