@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.attention.backends import select_backend
+from pipeline.attention.backends.aligned import split_keys
 from pipeline.attention.backends.rows import _as_words, put_rows, take_rows
 from pipeline.attention.backends.segments import choose_path, segment_attention
 from pipeline.attention.reference import reference_attention
@@ -141,10 +142,40 @@ def test_bad_inputs_are_refused():
         segment_attention(q, k[:4], v, cu([4, 4]))
 
 
+@pytest.mark.parametrize("counts, path", [([5, 0, 17, 1, 9, 0], "per_segment"), ([12, 12, 12], "batched")])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_key_tile_split_equals_reference(counts, path, with_lse):
+    """Segments cut into whole key tiles plus the rest, merged by their lse (what CUDA does with tiles
+    of 128, forced here with tiles of 8), equal the reference, with and without the fused gate."""
+    q, k, v = packed(counts)
+    want_o, want_lse = reference(q, k, v, counts)
+    out = segment_attention(q, k, v, cu(counts), return_lse=with_lse, path=path, key_tile=8)
+    o = out[0] if with_lse else out
+    torch.testing.assert_close(o, want_o, atol=1e-5, rtol=1e-5)
+    if with_lse:
+        torch.testing.assert_close(out[1], want_lse, atol=1e-5, rtol=1e-5)
+    gate = torch.rand(sum(counts))
+    got = segment_attention(q, k, v, cu(counts), path=path, out_scale=gate, key_tile=8)
+    torch.testing.assert_close(got, want_o * gate[:, None, None], atol=1e-5, rtol=1e-5)
+
+
+def test_key_tile_rule():
+    q = torch.zeros(1)
+    assert [split_keys(n, q, False, 8) for n in (5, 8, 16, 17, 12)] == [0, 0, 0, 16, 8]  # forced tiles of 8
+    assert split_keys(17, q, False, 0) == 0  # 0: never
+    assert split_keys(30000, q, False) == 0  # the rule splits on CUDA in half precision only
+    if torch.cuda.is_available():
+        cuda = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+        assert split_keys(30000, cuda, False) == 29952 and split_keys(30000, cuda, True) == 0
+        assert split_keys(29952, cuda, False) == 0 and split_keys(1560, cuda, False) == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
-@pytest.mark.parametrize("path", ["batched", "per_segment", "varlen"])
-def test_segments_on_cuda_every_path(path):
-    counts = [512, 512, 512] if path == "batched" else [700, 0, 1300, 37, 3000]
+@pytest.mark.parametrize("path, counts", [("batched", [512, 512, 512]), ("batched", [8200, 8200]),
+                                          ("per_segment", [700, 0, 1300, 37, 3000]),
+                                          ("per_segment", [700, 0, 8300, 37]),  # 8300 keys: split
+                                          ("varlen", [700, 0, 1300, 37, 3000])])
+def test_segments_on_cuda_every_path(path, counts):
     q, k, v = (x.cuda() for x in packed(counts, torch.bfloat16))
     backend = select_backend("auto", "cuda", torch.bfloat16)
     o, lse = backend.segments(q, k, v, cu(counts).cuda(), return_lse=True, counts=counts, path=path)

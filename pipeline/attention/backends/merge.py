@@ -60,9 +60,11 @@ def fused_available(*tensors: torch.Tensor) -> bool:
 
 
 def merge_rows(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor, src: torch.Tensor,
-               c: torch.Tensor | None = None, wc: torch.Tensor | None = None) -> torch.Tensor:
+               c: torch.Tensor | None = None, wc: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """a, c (T, H, D) and wa, wc (T, H) fp32 in sorted order; b (T, H, D) and wb (T, H) fp32 in sequence
-    order; src (T,) int64 -> out (T, H, D) in sequence order, b's dtype (formula: module docstring)."""
+    order; src (T,) int64 -> out (T, H, D) in sequence order, b's dtype (formula: module docstring).
+    out: a contiguous (T, H, D) tensor of b's dtype to write into (e.g. a slice of a packed buffer)."""
     t, h, d = b.shape
     if a.shape != b.shape or wa.shape != (t, h) or wb.shape != (t, h) or src.shape != (t,):
         raise ValueError(f"merge_rows: a {tuple(a.shape)}, b {tuple(b.shape)}, wa {tuple(wa.shape)}, "
@@ -73,7 +75,10 @@ def merge_rows(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Ten
         a, b, wa, wb = a.contiguous(), b.contiguous(), wa.float().contiguous(), wb.float().contiguous()
         has_c = c is not None
         c, wc = (c.contiguous(), wc.float().contiguous()) if has_c else (a, wa)  # unread when HAS_C is False
-        out = torch.empty_like(b)
+        if out is None:
+            out = torch.empty_like(b)
+        elif not out.is_contiguous() or out.shape != b.shape or out.dtype != b.dtype:
+            raise ValueError(f"merge_rows: out must be a contiguous {tuple(b.shape)} {b.dtype} tensor")
         if t:
             kernel[(t,)](out, a, wa, c, wc, b, wb, src.contiguous(), h, d, HAS_C=has_c,
                          BLOCK_H=next_pow2(h), BLOCK_D=next_pow2(d), num_warps=4)
@@ -82,4 +87,5 @@ def merge_rows(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Ten
     acc = a * wa.to(dtype)[..., None]
     if c is not None:
         acc = torch.addcmul(acc, c, wc.to(dtype)[..., None], value=-1)
-    return torch.addcmul(take_rows(acc, src), b, wb.to(dtype)[..., None])
+    merged = torch.addcmul(take_rows(acc, src), b, wb.to(dtype)[..., None])
+    return merged if out is None else out.copy_(merged)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pipeline.attention.backends.aligned import split_key_attention, split_keys
+
 PATHS = ("auto", "batched", "per_segment", "varlen")
 DEFAULT_MIN_TOKENS = 2048  # per-segment dense calls from this mean segment length up
 _SLAB_ELEMENTS = 1 << 24  # backward: logits per slab of query rows (64 MiB in fp32)
@@ -125,28 +127,45 @@ def _empty(q, return_lse):
     return q.new_zeros(t, h, d), (q.new_full((h, t), float("-inf"), dtype=torch.float32) if return_lse else None)
 
 
-def _batched(q, k, v, counts, scale, return_lse, sdpa_order):
+def _batched(q, k, v, counts, scale, return_lse, sdpa_order, key_tile=None):
     t, h, d = q.shape
     n = counts[0] if counts else 0
     if n == 0:
         return _empty(q, return_lse)
     qb, kb, vb = (x.view(len(counts), n, h, d).transpose(1, 2) for x in (q, k, v))  # (S, H, n, D) views
+    whole = split_keys(n, q, _needs_grad(q, k, v), key_tile)
+    if whole:
+        o, lse = split_key_attention(qb, kb, vb, whole, scale, return_lse=return_lse)  # o: (T, H, D) rows
+        return o, (lse.permute(1, 0, 2).reshape(h, t) if return_lse else None)
     if return_lse:
         o, lse = dense_lse(qb, kb, vb, scale)
         return o.transpose(1, 2).reshape(t, h, d), lse.permute(1, 0, 2).reshape(h, t)
     return _sdpa(qb, kb, vb, scale, sdpa_order).transpose(1, 2).reshape(t, h, d), None
 
 
-def _per_segment(q, k, v, counts, scale, return_lse, sdpa_order, out_scale=None):
+def _per_segment(q, k, v, counts, scale, return_lse, sdpa_order, out_scale=None, key_tile=None):
     """One dense call per non-empty segment. out_scale (T, 1 or H, 1) in q's dtype: multiplies o while
-    the segments' outputs are packed (the packing is a copy anyway, so the product costs no pass)."""
+    the segments' outputs are packed (the packing is a copy anyway, so the product costs no pass).
+    A segment whose length is not whole key tiles runs as two calls merged exactly (aligned.py)."""
     t, h, d = q.shape
     outs, lses, start = [], [], 0
     packed = None if out_scale is None else q.new_empty(t, h, d)
+    needs_grad = _needs_grad(q, k, v)
     for n in counts:
         if n == 0:
             continue
         qs, ks, vs = (x[start:start + n].unsqueeze(0).transpose(1, 2) for x in (q, k, v))  # (1, H, n, D) views
+        whole = split_keys(n, q, needs_grad, key_tile)
+        if whole:
+            dst = None if packed is None else packed[start:start + n]
+            o, lse = split_key_attention(qs, ks, vs, whole, scale, out=dst, return_lse=return_lse,
+                                         out_scale=None if packed is None else out_scale[start:start + n])
+            if return_lse:
+                lses.append(lse[0])
+            if packed is None:
+                outs.append(o)
+            start += n
+            continue
         if return_lse:
             o, lse = dense_lse(qs, ks, vs, scale)
             lses.append(lse[0])  # (H, n)
@@ -191,13 +210,17 @@ def _varlen(q, k, v, cu, counts, scale, return_lse):
     return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale), None
 
 
-def _forward(q, k, v, cu, counts, scale, return_lse, path, sdpa_order, out_scale=None):
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
+def _forward(q, k, v, cu, counts, scale, return_lse, path, sdpa_order, out_scale=None, key_tile=None):
     """(o, lse or None). out_scale is applied here only on the per-segment path (fused into the
     packing); the caller applies it for the other paths."""
     if path == "batched":
-        return _batched(q, k, v, counts, scale, return_lse, sdpa_order)
+        return _batched(q, k, v, counts, scale, return_lse, sdpa_order, key_tile)
     if path == "per_segment":
-        return _per_segment(q, k, v, counts, scale, return_lse, sdpa_order, out_scale)
+        return _per_segment(q, k, v, counts, scale, return_lse, sdpa_order, out_scale, key_tile)
     if path == "varlen":
         return _varlen(q, k, v, cu, counts, scale, return_lse)
     raise ValueError(f"segments: unknown path {path!r} (known: {', '.join(PATHS)})")
@@ -266,13 +289,15 @@ class _SegmentsWithLse(torch.autograd.Function):
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       scale: float | None = None, return_lse: bool = False, counts: Sequence[int] | None = None,
                       path: str = "auto", min_tokens: int = DEFAULT_MIN_TOKENS,
-                      sdpa_order: Sequence[SDPBackend] = (SDPBackend.MATH,), out_scale: torch.Tensor | None = None):
+                      sdpa_order: Sequence[SDPBackend] = (SDPBackend.MATH,), out_scale: torch.Tensor | None = None,
+                      key_tile: int | None = None):
     """Attention inside each segment. q, k, v (T, H, D); cu_seqlens (S + 1,) int32 with
     cu_seqlens[-1] == T. counts: the S lengths as Python ints when the caller has them (else one
     .tolist() here). out_scale (T,) or (T, H): o is multiplied by it (in o's dtype, broadcast over D;
     MoGA's gate), fused into the packing of the per-segment path; lse is that of the unscaled o.
     Returns o (T, H, D), and lse (H, T) fp32 with return_lse (always finite: every query sees at
-    least itself)."""
+    least itself). key_tile: None for the rule of aligned.py (whole 128-key tiles plus the rest on
+    CUDA in half precision without a gradient), 0 never splits, a size forces the split (tests)."""
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"segments: q, k, v must be equal (T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -291,7 +316,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         o, lse = _SegmentsWithLse.apply(q, k, v, cu_seqlens, counts, scale, path, tuple(sdpa_order))
     else:
         o, lse = _forward(q, k, v, cu_seqlens, counts, scale, return_lse, path, sdpa_order,
-                          out_scale if fused else None)
+                          out_scale if fused else None, key_tile)
     if out_scale is not None and not fused:
         o = o * out_scale
     return (o, lse) if return_lse else o
