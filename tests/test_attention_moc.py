@@ -98,6 +98,8 @@ def test_moc_gather_path_equals_reference(layout, settings):
     torch.testing.assert_close(gathered_attention(q, k, v, mask, slab_bytes=slab), want, atol=1e-5, rtol=1e-5)
     o = method.backend.block_sparse(q, k, v, (mask,), path="gather")
     torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-5)
+    # every call cut into whole key tiles of 7 plus the rest, merged by lse (CUDA: tiles of 128)
+    torch.testing.assert_close(gathered_attention(q, k, v, mask, key_tile=7), want, atol=1e-5, rtol=1e-5)
 
 
 def test_gather_path_with_scattered_segments_broadcast_tables_and_empty_rows():
@@ -113,8 +115,8 @@ def test_gather_path_with_scattered_segments_broadcast_tables_and_empty_rows():
     q, k, v = torch.randn(b, nq, h, d), torch.randn(b, nk, h, d), torch.randn(b, nk, h, d)
     token = mask.token_mask()
     rows = token.any(-1).transpose(1, 2)[..., None].expand(b, nq, h, 1)  # (B, N, H, 1): rows with a key
-    for scale in (None, 0.3):
-        got = gathered_attention(q, k, v, mask, scale=scale)
+    for scale, tile in ((None, None), (0.3, None), (0.3, 4)):
+        got = gathered_attention(q, k, v, mask, scale=scale, key_tile=tile)
         want = torch.where(rows, reference_attention(q, k, v, token, scale=scale), 0.0)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not rows.all() and (got[~rows.expand_as(got)] == 0).all()
@@ -242,12 +244,16 @@ def test_moc_on_cuda_compiled_flex_equals_reference(dtype, tol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
-def test_moc_on_cuda_gather_path_equals_reference():
+@pytest.mark.parametrize("layout, top_k, batch", [
+    (VideoLayout(6, 32, 32, shot_frames=(3, 3), text_tokens=64), 1, 2),
+    # up to 64 + 6 x 2,048 keys per item: not whole 128-key tiles, above aligned.MIN_KEYS (the split)
+    (VideoLayout(12, 32, 32, shot_frames=(6, 6), text_tokens=64), 3, 1),
+])
+def test_moc_on_cuda_gather_path_equals_reference(layout, top_k, batch):
     """Chunks of >= 1024 tokens in bf16: the dense-over-gathered-keys path (cuDNN), text chunk included."""
-    layout = VideoLayout(6, 32, 32, shot_frames=(3, 3), text_tokens=64)
-    method = build_method(moc_config(chunk_frames=2, top_k=1, causal=True, local_frames=0), device="cuda",
+    method = build_method(moc_config(chunk_frames=2, top_k=top_k, causal=True, local_frames=0), device="cuda",
                           dtype=torch.bfloat16)
-    q, k, v = (torch.randn(2, layout.num_tokens, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(batch, layout.num_tokens, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     mask = method.route(q, k, layout)
     assert choose_block_sparse_path((mask,), layout.num_tokens, q.device, q.dtype, False) == "gather"
     o = method(q, k, v, AttentionMeta(layout=layout))

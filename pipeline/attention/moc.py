@@ -120,6 +120,16 @@ def routable_mask(chunks: MocChunks, causal: bool) -> torch.Tensor:
     return chunks.start[None, :] <= chunks.start[:, None]
 
 
+@functools.lru_cache(maxsize=32)
+def _link_masks_on(layout: VideoLayout, chunk_frames: int, local_frames: int, text_anchor: bool, causal: bool,
+                   device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchors, routable and not an anchor), both (C, C) on `device`, memoised: they depend on the
+    layout only, and a host->device copy from pageable memory would wait for the stream every call."""
+    chunks = moc_chunks(layout, chunk_frames)
+    anchors = anchor_mask(chunks, local_frames, text_anchor)
+    return anchors.to(device), (routable_mask(chunks, causal) & ~anchors).to(device)
+
+
 class MocAttention(AttentionMethod):
     name = "moc"
 
@@ -130,8 +140,8 @@ class MocAttention(AttentionMethod):
         if chunks.token_chunk.numel() != q.shape[1]:
             raise ValueError(f"moc: q holds {q.shape[1]} tokens but the layout has {chunks.token_chunk.numel()}")
         dev = q.device
-        anchors = anchor_mask(chunks, cfg.local_frames, cfg.text_anchor).to(dev)
-        candidates = routable_mask(chunks, cfg.causal).to(dev) & ~anchors  # (C, C)
+        anchors, candidates = _link_masks_on(layout, int(cfg.chunk_frames), int(cfg.local_frames),
+                                             bool(cfg.text_anchor), bool(cfg.causal), str(dev))
         scores = chunk_means(q, chunks) @ chunk_means(k, chunks).transpose(-1, -2)  # (B, H, C, C)
         allowed = anchors.expand_as(scores).clone()
         top = min(cfg.top_k, chunks.count)
@@ -142,11 +152,12 @@ class MocAttention(AttentionMethod):
         if chunks.has_text:
             allowed[:, :, 0, :] = True  # text queries see every token
         segment = _token_chunk_on(layout, int(cfg.chunk_frames), str(dev))
-        return SegmentMask(segment, segment, allowed)
+        return SegmentMask(segment, segment, allowed, sorted_runs=True)  # chunks are runs in order
 
     def forward(self, q, k, v, meta: AttentionMeta):
         b, n, h, _ = q.shape
         mask = self.route(q, k, meta.layout)
-        pairs = count_pairs((mask,), b, h)
+        o = self.backend.block_sparse(q, k, v, (mask,))  # (B, N, H, D)
+        pairs = count_pairs((mask,), b, h)  # reads a number back: after the attention is queued, not before
         meta.stats.update(pairs=pairs, density=pairs / (b * h * n * n), chunks=float(mask.allowed.shape[-1]))
-        return self.backend.block_sparse(q, k, v, (mask,))  # (B, N, H, D)
+        return o

@@ -47,6 +47,9 @@ class SegmentMask:
     q_segment: torch.Tensor  # (Nq,) int64 in [0, Sq)
     k_segment: torch.Tensor  # (Nk,) int64 in [0, Sk)
     allowed: torch.Tensor  # (B or 1, H or 1, Sq, Sk) bool
+    # True when the caller knows both segment maps are non-decreasing (each segment one run of
+    # tokens, in segment order: MoC chunks): the gather path then skips its token permutations.
+    sorted_runs: bool = False
 
     def __post_init__(self) -> None:
         if self.allowed.dim() != 4 or self.allowed.dtype != torch.bool:
