@@ -4,7 +4,8 @@
 
 One dense bf16 call (B=1, H=12, D=128) at ~30k queries for key counts that are and are not whole
 tiles of 128, then MoGA-like groups (five ~30k-token segments) as they come, with the split
-(whole tiles + the rest, merged by lse), and at whole-tile sizes. Ratios against the whole-tile
+(whole tiles + the rest, merged by lse), and at whole-tile sizes, then full attention at the token
+counts of a 5 s and a 20 s 480p video, as they come and split. Ratios against the whole-tile
 call measured in the same run. CUDA only.
 """
 
@@ -18,6 +19,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from pipeline.attention.backends import segments as seg
+from pipeline.attention.backends import select_backend
 from pipeline.attention.backends.segments import cu_seqlens_from_counts, segment_attention
 
 H, D = 12, 128
@@ -74,6 +76,15 @@ def main() -> None:
                 name = label + (", split (aligned.py)" if split else "")
                 lines.append(f"| {name} | {t} | {'/'.join(map(str, sizes))} | {ms:.2f} | {rate:.0f} | "
                              f"{rate / base:.3f} |")
+                print(lines[-1], flush=True)
+        # full attention at token counts of real videos (not whole tiles): as they come and split
+        backend = select_backend("auto", "cuda", torch.bfloat16)
+        for n in (32760, 126360):
+            times = [time_ms(lambda: backend.dense(q[:, :n], k[:, :n], v[:, :n], key_tile=tile), 3)
+                     for tile in (0, None)]  # 0: never split; None: the rule (splits these)
+            rate = [4.0 * n * n * H * D / ms / 1e9 for ms in times]
+            for name, ms, r in zip(("dense", "dense, split (aligned.py)"), times, rate):
+                lines.append(f"| {name} | {n} | {n} | {ms:.2f} | {r:.0f} | {r / base:.3f} |")
                 print(lines[-1], flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,22 @@ def test_key_tile_split_equals_reference(counts, path, with_lse):
     torch.testing.assert_close(got, want_o * gate[:, None, None], atol=1e-5, rtol=1e-5)
 
 
+def test_dense_key_tile_split_equals_reference():
+    """backend.dense over keys cut into whole tiles plus the rest (forced: tiles of 8) equals the
+    reference, with unequal query and key counts and a scale."""
+    backend = select_backend("auto", "cpu", torch.float32)
+    q, k, v = torch.randn(2, 37, H, D), torch.randn(2, 29, H, D), torch.randn(2, 29, H, D)
+    for scale in (None, 0.2):
+        want = reference_attention(q, k, v, scale=scale)
+        torch.testing.assert_close(backend.dense(q, k, v, scale, key_tile=8), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(backend.dense(q, k, v, scale), want, atol=1e-5, rtol=1e-5)
+    if torch.cuda.is_available():  # the rule: 9,000 keys in bf16 are split on CUDA
+        qc, kc, vc = (torch.randn(1, 9000, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        cuda = select_backend("auto", "cuda", torch.bfloat16)
+        want = reference_attention(qc.float(), kc.float(), vc.float())
+        torch.testing.assert_close(cuda.dense(qc, kc, vc).float(), want, atol=3e-2, rtol=3e-2)
+
+
 def test_key_tile_rule():
     q = torch.zeros(1)
     assert [split_keys(n, q, False, 8) for n in (5, 8, 16, 17, 12)] == [0, 0, 0, 16, 8]  # forced tiles of 8
