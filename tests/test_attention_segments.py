@@ -7,7 +7,7 @@ import torch
 
 from pipeline.attention.backends import select_backend
 from pipeline.attention.backends.aligned import split_keys
-from pipeline.attention.backends.rows import _as_words, put_rows, take_rows
+from pipeline.attention.backends.rows import _as_words, last_dim_words, put_rows, take_rows
 from pipeline.attention.backends.segments import choose_path, segment_attention
 from pipeline.attention.reference import reference_attention
 
@@ -123,6 +123,20 @@ def test_row_moves_are_bit_exact(dtype, shape):
     leaf = x.float().requires_grad_(True)
     take_rows(leaf, index).sum().backward()  # under autograd: the plain op and its backward
     assert torch.equal(leaf.grad, torch.zeros_like(leaf).index_add_(0, index, torch.ones(5, *shape[1:])))
+
+
+@pytest.mark.parametrize("dtype, shape, words", [(torch.bfloat16, (2, 5, 3, 8), True),
+                                                 (torch.bfloat16, (2, 5, 3, 6), False),  # 12-byte rows
+                                                 (torch.float32, (2, 5, 3, 4), True)])
+def test_last_dim_words_transpose_is_bit_exact(dtype, shape, words):
+    """The head-major copy of the gather path through int64 words equals the plain transposing copy."""
+    x = torch.randn(*shape).to(dtype)
+    w = last_dim_words(x)
+    assert (w.dtype == torch.int64) == words and w.shape[:-1] == x.shape[:-1]
+    assert torch.equal(w.transpose(1, 2).contiguous().view(dtype), x.transpose(1, 2).contiguous())
+    if words:  # 8 bytes per row but starting 1 element in: no word view, the tensor itself comes back
+        odd = x[..., 1:1 + 8 // x.element_size()]
+        assert last_dim_words(odd) is odd
 
 
 def test_path_rule():

@@ -1,16 +1,18 @@
 """Dense attention over a key count cuDNN runs at its full rate: whole 128-key tiles, the rest merged.
 
 On the H100 (torch 2.11, cuDNN's sm90 flash forward kernel) the rate of a call follows its key
-count: 29,952 keys (234 x 128) ran at 670 TFLOP/s, 29,950 or 30,000 at 586-618, whatever the query
-count (`python -m jobs.bench_key_tiles`, docs/results/bench_key_tiles_h100.md). MoGA's groups and MoC's gathered keys
-are rarely whole tiles, so a call over n keys with r = n % 128 > 0 runs as two: the first n - r keys
-(the full-rate call, almost all of the work) and the last r, merged exactly by their log-sum-exps:
+count: 29,952 keys (234 x 128) ran at 636-661 TFLOP/s, 29,950 or 30,000 at 577-613, whatever the
+query count (`python -m jobs.bench_key_tiles`, docs/results/bench_key_tiles_h100.md). MoGA's
+groups, MoC's gathered keys and most videos' token counts are not whole tiles, so a call over n
+keys with r = n % 128 > 0 runs as two: the first n - r keys (the full-rate call, almost all of the
+work) and the last r, merged exactly by their log-sum-exps:
 
     o = sigmoid(lse1 - lse2) * o1 + sigmoid(lse2 - lse1) * o2,   lse = logaddexp(lse1, lse2)
 
 The merge is one pass (merge.merge_rows: the Triton kernel on CUDA) that also applies a per-row
-output scale (MoGA's gate) and may write straight into the caller's packed buffer. Measured on
-the same machine, five ~30k-token groups: 47.2 ms as they come, 43.0 ms as whole tiles.
+output scale (MoGA's gate) and may write straight into the caller's packed buffer. Same machine,
+five ~30k-token groups: 47.9-48.3 ms as they come, 44.4-45.5 ms split, 43.9-44.3 ms at whole-tile
+sizes; full attention over 126,360 tokens 166.3 -> 155.9 ms.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ a segment side by side, so every (batch row, head, segment) is one contiguous ru
 the dense calls then move whole runs: rows of g tokens, g the gcd of the segment sizes (a MoC
 chunk of whole latent frames: g = 1,560 tokens, 390 KiB rows). On the H100, gathering 256-byte
 (token, head) rows ran at ~840 GB/s (15.3 of MoC's 57.7 ms at 150k tokens); long rows move at
-close to the memory's bandwidth. The outputs go back the same way, then one inverse permutation.
+close to the memory's bandwidth. The outputs go back the same way (through the inverse token
+permutation unless the segments are already runs in token order, SegmentMask.sorted_runs).
 
 Cost against FlexAttention (the rule in blockmask.choose_block_sparse_path): per item the copies
 move ~8 L D bytes (K and V written, then read by the kernel) for 4 s L D FLOPs, s query tokens and
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.attention.backends.aligned import split_key_attention, split_keys
-from pipeline.attention.backends.rows import put_rows, segment_counts, take_rows
+from pipeline.attention.backends.rows import last_dim_words, put_rows, segment_counts, take_rows
 
 if TYPE_CHECKING:
     from pipeline.attention.backends.blockmask import SegmentMask
@@ -103,20 +104,9 @@ def plan_items(allowed: torch.Tensor, q_counts: torch.Tensor, k_counts: torch.Te
     return slabs, torch.from_numpy(table)
 
 
-def _words(x: torch.Tensor) -> torch.Tensor:
-    """x viewed as 8-byte words along its last dim when its rows allow it: a transposing copy of
-    bf16 moves 4x fewer elements (torch's strided copy costs per element, not per byte)."""
-    if x.stride(-1) == 1 and (x.shape[-1] * x.element_size()) % 8 == 0 and x.dtype != torch.int64:
-        try:
-            return x.view(torch.int64)
-        except RuntimeError:  # storage offset or strides not word-aligned
-            pass
-    return x
-
-
 def _segment_major(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     """(B, N, H, D) -> (B, H, N, D) contiguous, tokens in `order` (None: as they are)."""
-    w = _words(x)
+    w = last_dim_words(x)
     if order is not None:
         w = w.index_select(1, order)  # whole (token) rows: the fast gather
     return w.transpose(1, 2).contiguous().view(x.dtype)
@@ -124,7 +114,7 @@ def _segment_major(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
 
 def _token_major(o_sm: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     """The inverse of _segment_major: (B, H, N, D) in segment order -> (B, N, H, D) in token order."""
-    w = _words(o_sm).transpose(1, 2).contiguous()
+    w = last_dim_words(o_sm).transpose(1, 2).contiguous()
     if order is not None:
         w = torch.empty_like(w).index_copy_(1, order, w)
     return w.view(o_sm.dtype)

@@ -3,7 +3,8 @@
 index_select / index_copy_ on CUDA spend index arithmetic on every element; a bf16 row of H * D
 values is H * D elements of 2 bytes. Viewing each row as int64 words moves the same bytes with a
 quarter of the elements (bit-exact: nothing is converted). Used by every permutation of q, k, v
-and o (MoGA groups, STGA windows, moga+stga, the gathered block-sparse path).
+and o (MoGA groups, STGA windows, moga+stga, the gathered block-sparse path) and by the gathered
+path's head-major copies (last_dim_words).
 
 The word view is not differentiable, so when a gradient is needed these fall back to the plain
 index ops (which have backward formulas).
@@ -24,6 +25,18 @@ def _as_words(x: torch.Tensor) -> torch.Tensor | None:
     if row_bytes == 0 or row_bytes % 8 or (x.storage_offset() * x.element_size()) % 8:
         return None
     return x.view(x.shape[0], -1).view(_WORD)
+
+
+def last_dim_words(x: torch.Tensor) -> torch.Tensor:
+    """x viewed as int64 words along its last dimension (same shape otherwise), or x itself when its
+    layout allows no such view. A transposing copy of bf16 then moves 4x fewer elements: torch's
+    strided copy costs per element, not per byte."""
+    if x.dtype == _WORD or x.dim() == 0 or x.stride(-1) != 1 or (x.shape[-1] * x.element_size()) % 8:
+        return x
+    try:
+        return x.view(_WORD)
+    except RuntimeError:  # a storage offset or stride that is not a whole number of words
+        return x
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
