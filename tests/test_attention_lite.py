@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from pipeline.attention import build_method
 from pipeline.attention.base import AttentionMeta, StateSlot
+from pipeline.attention.backends.tile_max import fused_tile_margins_available
 from pipeline.attention.lite import tile_margins
 from pipeline.attention.reference import reference_attention
 from pipeline.config import AttentionConfig
@@ -132,6 +133,17 @@ def test_step_zero_starts_a_new_record_and_bad_state_is_refused():
         method(q[:1], k[:1], v[:1], AttentionMeta(layout=layout, step=3, state=slot))
     with pytest.raises(ValueError, match="no skip record"):
         method(q, k, v, AttentionMeta(layout=layout, step=3, state=StateSlot()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+@pytest.mark.parametrize("tile, n", [((128, 128), 1000), ((64, 32), 777), ((16, 16), 64)])
+def test_fused_tile_margins_on_cuda_match_the_definition(tile, n):
+    """The Triton kernel (bf16 on CUDA, full attention) equals the margins computed tile by tile in fp32
+    from the same bf16 values; partial last tiles included."""
+    q, k, _ = (x.to(torch.bfloat16) for x in inputs(2, n))
+    assert fused_tile_margins_available(q.cuda(), tile)
+    got = tile_margins(q.cuda(), k.cuda(), tile, 1 / math.sqrt(D)).cpu()
+    torch.testing.assert_close(got, margins_by_loops(q.float(), k.float(), tile), atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")

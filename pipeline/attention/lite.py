@@ -22,14 +22,13 @@ kept tiles run block-sparse through the backend.
 
 State: a LiteState in meta.state.value (a StateSlot the sampler owns and resets per video); one
 skip mask per batch row, so CFG's cond and uncond rows, batched in one call, stay separate.
-Cost: the kernels cannot report tile maxima, so the full steps form the logits a second time, in
-slabs of query rows, and reduce them per (row, key tile). That is memory-bound: 4 bytes of logit
-traffic per (query, key) pair and head (the bf16 GEMM writes them, the max reads them), about
-1 TB at 150k tokens; on the H100 a full step took 6.5x (150k) to 5.5x (580k) a dense step (run 1).
-Over 50 steps with 2 full ones that is most of lite's time. Neither cuDNN nor FlexAttention
-returns per-tile maxima (FlexAttention's aux output is the row max only); LiteAttention's patched
-FA3 gets them for free, and a fused QK^T + tile-max kernel (a Triton matmul with a max epilogue,
-no logits in memory) would bring the full step near dense cost: the next step for this method.
+Cost: the attention kernels cannot report tile maxima (FlexAttention's aux output is the row max
+only; LiteAttention's patched FA3 gets them for free), so the full steps compute the margins apart.
+On CUDA with full attention that is one Triton kernel (backends/tile_max.py: two Q K^T passes with
+the logits kept on chip, about one dense attention's FLOPs). Elsewhere (CPU, a base mask, odd
+tiles) the logits are formed a second time in slabs of query rows and reduced per (row, key tile):
+memory-bound, 4 bytes of logit traffic per (query, key) pair and head, about 1 TB at 150k tokens;
+on the H100 that full step took 6.5x (150k) to 5.5x (580k) a dense step.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.attention.backends.blockmask import SegmentMask, count_pairs
+from pipeline.attention.backends.tile_max import fused_tile_margins, fused_tile_margins_available
 from pipeline.attention.base import AttentionMeta, AttentionMethod
 from pipeline.attention.stga import stga_mask, window_ids
 from pipeline.layout import VideoLayout
@@ -75,6 +75,8 @@ def tile_margins(q: torch.Tensor, k: torch.Tensor, tile: tuple[int, int], scale:
     The logits are formed in q's dtype (bf16 on GPU: the decision, not the attention, carries that
     rounding) one slab of query tiles at a time, reduced to per-(row, k tile) maxima at once; the
     scale is applied after the max (it is positive)."""
+    if base is None and fused_tile_margins_available(q, tile):  # CUDA: the logits never reach memory
+        return fused_tile_margins(q, k, tile, scale)
     b, n, h, _ = q.shape
     tq, tk = tile
     nqt, nkt = -(-n // tq), -(-n // tk)
