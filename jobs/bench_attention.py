@@ -18,7 +18,8 @@ change every call, as they do between steps and layers of a real run: cuDNN buil
 plan per new shape unless TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1); stga with whole-frame and
 quarter-frame windows (both divide the 480p grid: one batched call); moga+stga (lse merge; on the
 GPU both exact routes, cells (the default) and bias, on the same inputs); moc (4 shots, chunk size and top-k set
-for ~15% density); lite (a sparse step after the full steps, and one full step); linear. The note column names the kernel path where a method has several.
+for ~15% density); lite (a sparse step after the full steps, one full step, and one full step with
+the STGA base); linear. The note column names the kernel path where a method has several.
 q and k carry a per-frame component (tokens of a frame share a direction), so lite and moc have
 structure to find; that does not change what dense, moga or stga compute.
 
@@ -198,6 +199,9 @@ def build_cases(n_tokens: int, heads: int, dim: int, device, dtype, only: set[st
         cases.append(method_case(f"lite sparse step (after {full_steps} full)", method, q, k, v,
                                  lambda: AttentionMeta(layout=layout, step=full_steps, state=slot)))
         cases.append(method_case("lite full step", method, q, k, v,
+                                 lambda: AttentionMeta(layout=layout, step=0, state=StateSlot())))
+        windowed = build("lite", lite={"base": "stga"}, stga={"window": [1, GRID[0], GRID[1]]})
+        cases.append(method_case("lite full step, stga 1x30x52 base", windowed, q, k, v,
                                  lambda: AttentionMeta(layout=layout, step=0, state=StateSlot())))
     if want("linear"):
         rope = (torch.ones(1, n, 1, dim, device=device), torch.zeros(1, n, 1, dim, device=device))
