@@ -58,10 +58,13 @@ def parse(argv=None):
     p.add_argument("--sizes", default="", help="comma-separated size names (default: all of the grid set)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per config, at the smallest size only")
-    p.add_argument("--chunks", type=int, default=0,
-                   help="Ulysses head sub-groups per rank whose all-to-alls overlap attention (0: 2 on GPU, 1 on CPU)")
+    p.add_argument("--chunks", default="0",
+                   help="Ulysses head sub-groups per rank whose all-to-alls overlap attention (0: 2 on GPU, 1 on CPU); "
+                        "a comma-separated list times P=world once per value")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' Ulysses CP (the peer)")
     p.add_argument("--timeout-s", type=float, default=1800.0)
+    p.add_argument("--profile", action="store_true",
+                   help="after each of our rows, one more forward under torch.profiler: rank 0's kernels")
     return p.parse_args(argv)
 
 
@@ -130,6 +133,52 @@ class Timer:
         return float(out[0]), float(out[1]), None if result is None else result.float().cpu()
 
 
+def with_chunks(model, chunks: int):
+    """The parallel model with `chunks` head sub-groups in every Ulysses wrapper (parallelize wraps an
+    adapter once; later calls keep its wrappers, so a second chunk count is set on them here)."""
+    from pipeline.parallel.ulysses import UlyssesAttention
+
+    if chunks:
+        for fn in model.adapter.attention:
+            if isinstance(fn, UlyssesAttention):
+                fn.chunks = chunks
+    return model
+
+
+def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch.device, dtype, chunks: int,
+                repeats: int = 5) -> float:
+    """Milliseconds of one layer's Ulysses exchanges with nothing else running: q, k, v in and the output
+    back, in the sub-groups the wrapper uses (seq_to_heads / heads_to_seq), the slowest rank counting.
+    What overlap can hide at most; the step's time over P=1's ideal share shows how much stayed exposed."""
+    from pipeline.parallel.shard import ShardPlan
+    from pipeline.parallel.ulysses import heads_to_seq, seq_to_heads
+
+    chunks = chunks or (2 if device.type == "cuda" else 1)
+    heads, dim = arch["num_attention_heads"], arch["attention_head_dim"]
+    local = ShardPlan(num_tokens, ctx.world).local_len
+    q, k, v = (torch.randn(1, local, heads, dim, device=device, dtype=dtype) for _ in range(3))
+
+    def layer():
+        incoming = [seq_to_heads((q, k, v), ctx, c, chunks) for c in range(chunks)]
+        outgoing = [heads_to_seq(e.result()[0], ctx) for e in incoming]
+        return [e.result() for e in outgoing]
+
+    layer()
+    times = []
+    for _ in range(repeats):
+        dist.barrier(group=ctx.group)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        layer()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    out = torch.tensor([statistics.median(times) * 1e3], dtype=torch.float64, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=ctx.group)
+    return float(out[0])
+
+
 def relative_error(got: torch.Tensor | None, want: torch.Tensor | None) -> float | None:
     """max |got - want| / max |want|: the sharded prediction against rank 0's one-GPU prediction."""
     if got is None or want is None:
@@ -181,9 +230,11 @@ def main(argv=None) -> int:
             say(f"skip {method}: not in the attention registry (known: {', '.join(method_names())})")
             continue
         adapter = WanAdapter(transformer, attention_cfg(method))  # sets its processors on the shared weights
-        runs = [(1, ParallelContext.single(device))] + ([(world, ctx)] if world > 1 else [])
-        for p, group in runs:
-            model = parallelize(adapter, group, chunks=args.chunks or None) if p > 1 else adapter
+        chunk_counts = [int(c) for c in args.chunks.split(",")]
+        runs = [(1, ParallelContext.single(device), 0)] + [(world, ctx, c) for c in chunk_counts if world > 1]
+        for p, group, chunks in runs:
+            model = with_chunks(parallelize(adapter, group, chunks=chunks or None), chunks) if p > 1 else adapter
+            name = f"ours {method}" + (f" chunks={chunks}" if p > 1 and len(chunk_counts) > 1 else "")
             for i, size in enumerate(sizes):
                 latents, t, text, layout = inputs(grids[size], arch, device, dtype)
                 states = adapter.new_states()
@@ -191,9 +242,18 @@ def main(argv=None) -> int:
                                        warm=i == 0, ranks=p)
                 if p == 1:
                     one_gpu[(method, size)] = pred
-                rows.append(dict(config=f"ours {method}", size=size, tokens=layout.num_tokens, P=p, s_per_step=sec,
-                                 peak_gib=gib, rel_err_vs_p1=relative_error(pred, one_gpu.get((method, size)))))
-                say(f"  ours {method:<10} {size:>6} P={p}: {sec:.3f} s/step, {gib:.2f} GiB")
+                a2a = exchange_ms(group, layout.num_tokens, arch, device, dtype, chunks) if p > 1 else None
+                rows.append(dict(config=name, method=method, size=size, tokens=layout.num_tokens, P=p, s_per_step=sec,
+                                 peak_gib=gib, a2a_ms_per_layer=a2a,
+                                 rel_err_vs_p1=relative_error(pred, one_gpu.get((method, size)))))
+                say(f"  {name:<24} {size:>6} P={p}: {sec:.3f} s/step, {gib:.2f} GiB"
+                    + (f", all-to-alls alone {a2a:.2f} ms/layer" if a2a is not None else ""))
+                if args.profile and ctx.rank < p:
+                    from jobs.bench_attention import kernel_profile
+
+                    table = kernel_profile(lambda: model(latents, t, text, layout, AttentionMeta(layout), states),
+                                           device, top=20)
+                    say(f"  kernels of one forward, rank 0:\n{table}", flush=True)
     if world > 1 and not args.no_diffusers:
         rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say, one_gpu)
     if ctx.rank == 0:
@@ -230,19 +290,19 @@ def diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device,
 
 
 def report(rows: list[dict], out: Path, setup: dict) -> None:
-    p1 = {(r["config"], r["size"]): r["s_per_step"] for r in rows if r["P"] == 1}
+    p1 = {(r.get("method"), r["size"]): r["s_per_step"] for r in rows if r["P"] == 1}
     peer = {r["size"]: r["s_per_step"] for r in rows if r["config"].startswith("diffusers")}
     for r in rows:
-        base = p1.get((r["config"], r["size"]))
+        base = p1.get((r.get("method"), r["size"]))
         r["speedup_vs_p1"] = base / r["s_per_step"] if base and r["s_per_step"] else None
         ours_cp = r["P"] > 1 and not r["config"].startswith("diffusers")
         r["diffusers_cp_over_ours"] = (peer[r["size"]] / r["s_per_step"]
                                        if r["size"] in peer and ours_cp and r["s_per_step"] else None)
     head = ["config", "tokens", "P", "s/step", "peak GiB/GPU", "speed-up vs P=1", "diffusers CP (dense) / ours",
-            "rel. err vs our P=1"]
+            "all-to-alls alone, ms/layer", "rel. err vs our P=1"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines = [[r["config"], str(r["tokens"]), str(r["P"]), fmt(r["s_per_step"], ".3f"), fmt(r["peak_gib"], ".2f"),
-              fmt(r["speedup_vs_p1"], ".2f"), fmt(r["diffusers_cp_over_ours"], ".2f"),
+              fmt(r["speedup_vs_p1"], ".2f"), fmt(r["diffusers_cp_over_ours"], ".2f"), fmt(r.get("a2a_ms_per_layer"), ".2f"),
               fmt(r["rel_err_vs_p1"] if r["P"] > 1 else None, ".1e")] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     print(f"\n{setup['cudnn_sdpa']}")
