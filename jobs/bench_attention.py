@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from jobs.profiling import kernel_profile
 from pipeline.attention import METHODS, build_method, method_names
 from pipeline.attention.base import AttentionMeta, Routing, StateSlot
 from pipeline.attention.backends.blockmask import choose_block_sparse_path
@@ -237,38 +238,6 @@ def time_ms(run: Callable[[], torch.Tensor], device: torch.device, warmup: int, 
     while len(times) < repeats and times[0] < slow_ms:
         times.append(once())
     return statistics.median(times)
-
-
-def kernel_profile(run: Callable[[], torch.Tensor], device: torch.device, top: int = 12) -> str:
-    """One more call under torch.profiler: where its time goes, kernel by kernel (--profile; on the
-    CPU, operator by operator). On CUDA the last line compares the kernels' summed time with the
-    call's wall time: the difference is time the GPU waited for the host (launches, a .tolist()
-    sync) or ran nothing."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        t0 = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3
-    if cuda:
-        by_name: dict[str, tuple[int, float]] = {}
-        for e in prof.events():
-            if e.device_type.name == "CUDA":
-                count, ms = by_name.get(e.name, (0, 0.0))
-                by_name[e.name] = (count + 1, ms + e.device_time_total / 1e3)
-    else:
-        by_name = {e.key: (e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()}
-    busy = sum(ms for _, ms in by_name.values())
-    lines = [f"    {'kernel' if cuda else 'operator':<90} {'calls':>5} {'ms':>8} {'share':>6}"]
-    for name, (count, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"    {name[:90]:<90} {count:5d} {ms:8.3f} {ms / max(busy, 1e-9):6.1%}")
-    if cuda:
-        lines.append(f"    kernels {busy:.3f} ms of {wall_ms:.3f} ms wall ({sum(c for c, _ in by_name.values())} "
-                     f"kernels): {wall_ms - busy:.3f} ms without a kernel running")
-    return "\n".join(lines)
 
 
 def bench(sizes: list[int], heads: int, dim: int, device: torch.device, dtype, warmup: int, repeats: int,

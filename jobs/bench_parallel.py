@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from jobs.profiling import kernel_profile
 from pipeline.attention import AttentionMeta, method_names
 from pipeline.attention.cudnn_env import AVOID_RECOMPILE, avoid_recompile_wanted, use_avoid_recompile
 from pipeline.config import AttentionConfig
@@ -249,11 +250,14 @@ def main(argv=None) -> int:
                 say(f"  {name:<24} {size:>6} P={p}: {sec:.3f} s/step, {gib:.2f} GiB"
                     + (f", all-to-alls alone {a2a:.2f} ms/layer" if a2a is not None else ""))
                 if args.profile and ctx.rank < p:
-                    from jobs.bench_attention import kernel_profile
-
                     table = kernel_profile(lambda: model(latents, t, text, layout, AttentionMeta(layout), states),
-                                           device, top=20)
-                    say(f"  kernels of one forward, rank 0:\n{table}", flush=True)
+                                           device, top=20, gaps_top=8)
+                    if ctx.rank == 0:
+                        Path(args.out).mkdir(parents=True, exist_ok=True)
+                        with open(Path(args.out) / "profile.txt", "a") as f:
+                            f.write(f"{name} {size} P={p}: kernels of one forward, rank 0\n{table}\n\n")
+                        say("  " + table.splitlines()[-1].strip() if "compute stream" not in table
+                            else "\n".join(x for x in table.splitlines() if "kernels " in x or "compute stream" in x))
     if world > 1 and not args.no_diffusers:
         rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say, one_gpu)
     if ctx.rank == 0:
