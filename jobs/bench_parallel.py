@@ -161,7 +161,7 @@ def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch
 
     def layer():
         incoming = [seq_to_heads((q, k, v), ctx, c, chunks) for c in range(chunks)]
-        outgoing = [heads_to_seq(e.result()[0], ctx) for e in incoming]
+        outgoing = [heads_to_seq(e.result()[0], ctx, local) for e in incoming]
         return [e.result() for e in outgoing]
 
     layer()

@@ -198,8 +198,28 @@ def check_head_error(ctx: ParallelContext) -> None:
         many(q, q, q, AttentionMeta(LAYOUT))
 
 
+def check_one_video(ctx: ParallelContext) -> None:
+    """Batch 1, the shape of a real step: the received q, k, v are views of the exchange's buffer
+    (token stride 3 * H/P * D), with and without head sub-groups, the pad cut by the layout (P=4)."""
+    plan = plan_for(LAYOUT, ctx.world, by_frames=False)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, LAYOUT.num_tokens, H, D, generator=g) for _ in range(3))
+    routing = Routing(torch.randint(0, 3, (1, LAYOUT.num_tokens), generator=g),
+                      torch.rand(1, LAYOUT.num_tokens, generator=g), 3)
+    for name, chunks in itertools.product(("dense", "moga+stga"), (1, 2)):
+        section = dict(moga={"num_groups": 3}, stga={"window": [2, 2, 2]}) if name != "dense" else {}
+        routed = routing if name != "dense" else None
+        want = method(name, **section)(q, k, v, AttentionMeta(LAYOUT, routing=routed))
+        local = AttentionMeta(LAYOUT, routing=routed and Routing(shard(routed.groups, plan, ctx.rank),
+                                                                 shard(routed.gate, plan, ctx.rank), 3))
+        got = UlyssesAttention(method(name, **section), ctx, chunks)(*(shard(t, plan, ctx.rank) for t in (q, k, v)),
+                                                                      local)
+        assert_close(gather(got, plan, ctx), want, f"{name} B=1 P={ctx.world} chunks={chunks}")
+
+
 def all_checks(ctx: ParallelContext) -> None:
     check_ulysses_methods(ctx)
+    check_one_video(ctx)
     check_routing_gather(ctx)
     check_rolling_cache(ctx)
     check_linear_state(ctx, by_frames=False)

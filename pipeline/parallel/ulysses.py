@@ -23,6 +23,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from pipeline.attention.backends.rows import last_dim_words
 from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing, StateSlot
 from pipeline.parallel.groups import ParallelContext
 from pipeline.parallel.shard import all_gather_seq, pad_to, plan_of_shard
@@ -50,36 +51,64 @@ class Exchange:
         return self.unpack(self.recv)
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src), as int64 words along the last dim where both allow it (rows.last_dim_words):
+    the exchanges' transposing copies then move 4x fewer elements of bf16. Collectives are not
+    autograd-aware, so nothing here needs a gradient."""
+    dst_words, src_words = last_dim_words(dst), last_dim_words(src)
+    if dst_words.dtype == src_words.dtype:
+        dst_words.copy_(src_words)
+    else:
+        dst.copy_(src)
+
+
 def seq_to_heads(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext, chunk: int = 0, chunks: int = 1) -> Exchange:
     """One all-to-all for all `tensors`: each (B, L, H, D) token shard -> (B, P * L, H / P / chunks, D),
-    the whole sequence for sub-group `chunk` of this rank's H / P heads."""
+    the whole sequence for sub-group `chunk` of this rank's H / P heads.
+
+    The send buffer is (P, B, L, T, Hc, D) for T tensors: what goes to rank j is contiguous (NCCL's
+    split), and a token's T tensors are adjacent, so with B = 1 every received tensor is a view
+    (1, P * L, Hc, D) of the receive buffer, tokens in sequence order (rank j's L after rank j-1's),
+    its token stride T * Hc * D; SDPA and the row gathers take such strides. Only the packing copies."""
     p = ctx.world
     b, n, h, d = tensors[0].shape
     check_heads(h, p)
     hc = h // p // chunks
-    send = torch.empty((p, len(tensors), b, n, hc, d), dtype=tensors[0].dtype, device=tensors[0].device)
+    count = len(tensors)
+    send = tensors[0].new_empty((p, b, n, count, hc, d))
     for i, t in enumerate(tensors):  # head group j (its sub-group `chunk`) goes to rank j
-        send[:, i] = t.reshape(b, n, p, chunks, hc, d)[:, :, :, chunk].permute(2, 0, 1, 3, 4)
-    # recv[j, i]: tensor i of rank j's tokens, for this rank's heads; rank order = sequence order
-    return Exchange(send, ctx, lambda recv: [recv[:, i].transpose(0, 1).reshape(b, p * n, hc, d)
-                                             for i in range(len(tensors))])
+        part = t.reshape(b, n, p, chunks, hc, d)[:, :, :, chunk].permute(2, 0, 1, 3, 4)  # (P, B, L, Hc, D)
+        _copy(send[:, :, :, i], part)
+
+    def unpack(recv):  # recv[j]: rank j's tokens (B, L, T, Hc, D) for this rank's heads
+        if b == 1:
+            whole = recv.view(1, p * n, count, hc, d)  # rank order = sequence order
+            return [whole[:, :, i] for i in range(count)]
+        return [recv[:, :, :, i].transpose(0, 1).reshape(b, p * n, hc, d) for i in range(count)]
+
+    return Exchange(send, ctx, unpack)
 
 
-def heads_to_seq(x: torch.Tensor, ctx: ParallelContext) -> Exchange:
-    """The inverse exchange: (B, P * L, Hc, D) -> (P, B, L, Hc, D), [j] = rank j's heads (see merge_heads)."""
+def heads_to_seq(x: torch.Tensor, ctx: ParallelContext, n_local: int) -> Exchange:
+    """The inverse exchange: x (B, N, Hc, D), N <= P * L real tokens -> (P, B, L, Hc, D), [j] = rank j's
+    heads for this rank's L tokens (see merge_heads). One copy into the send buffer; pad rows are zero."""
     p = ctx.world
     b, total, hc, d = x.shape
-    send = x.reshape(b, p, total // p, hc, d).transpose(0, 1).contiguous()  # (P, B, L, Hc, D): tokens of rank j
+    send = x.new_empty((p, b, n_local, hc, d))  # [j]: the tokens of rank j
+    if total < p * n_local:
+        x = pad_to(x, p * n_local, 1)
+    _copy(send, x.unflatten(1, (p, n_local)).transpose(0, 1))
     return Exchange(send, ctx, lambda recv: recv)
 
 
 def merge_heads(parts: list[torch.Tensor]) -> torch.Tensor:
     """heads_to_seq results of chunks 0..c-1, each (P, B, L, Hc, D) -> (B, L, H, D), head order
-    (rank j, chunk c, head within the chunk) = the original head order."""
+    (rank j, chunk c, head within the chunk) = the original head order. One copy per chunk."""
     p, b, n, hc, d = parts[0].shape
-    if len(parts) == 1:
-        return parts[0].permute(1, 2, 0, 3, 4).reshape(b, n, p * hc, d)
-    return torch.stack(parts, 3).permute(1, 2, 0, 3, 4, 5).reshape(b, n, p * len(parts) * hc, d)
+    out = parts[0].new_empty((b, n, p, len(parts), hc, d))
+    for c, part in enumerate(parts):
+        _copy(out[:, :, :, c], part.permute(1, 2, 0, 3, 4))
+    return out.view(b, n, p * len(parts) * hc, d)
 
 
 def merge_stats(target: dict[str, float], parts: list[dict[str, float]]) -> None:
@@ -134,8 +163,8 @@ class UlyssesAttention:
                 for e in outgoing:
                     e.result()  # drain: every rank takes this branch at the same chunk
                 o = self.method(*qkv, full)
-                return merge_heads([heads_to_seq(pad_to(o, n_local * ctx.world, 1), ctx).result()])
-            outgoing.append(heads_to_seq(pad_to(o, n_local * ctx.world, 1), ctx))
+                return merge_heads([heads_to_seq(o, ctx, n_local).result()])
+            outgoing.append(heads_to_seq(o, ctx, n_local))
             stats.append(part.stats)
         if chunks > 1:
             merge_stats(meta.stats, stats)
