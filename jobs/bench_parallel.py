@@ -60,7 +60,7 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per config, at the smallest size only")
     p.add_argument("--chunks", default="0",
-                   help="Ulysses head sub-groups per rank whose all-to-alls overlap attention (0: 2 on GPU, 1 on CPU); "
+                   help="Ulysses head sub-groups per rank whose all-to-alls overlap attention (0: the default, 1); "
                         "a comma-separated list times P=world once per value")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' Ulysses CP (the peer)")
     p.add_argument("--timeout-s", type=float, default=1800.0)
@@ -154,7 +154,7 @@ def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch
     from pipeline.parallel.shard import ShardPlan
     from pipeline.parallel.ulysses import heads_to_seq, seq_to_heads
 
-    chunks = chunks or (2 if device.type == "cuda" else 1)
+    chunks = chunks or 1
     heads, dim = arch["num_attention_heads"], arch["attention_head_dim"]
     local = ShardPlan(num_tokens, ctx.world).local_len
     q, k, v = (torch.randn(1, local, heads, dim, device=device, dtype=dtype) for _ in range(3))

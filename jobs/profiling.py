@@ -81,16 +81,17 @@ def gaps(events, top: int) -> list[str]:
     stream = sorted((e for e in kernels if e.device_resource_id == compute), key=lambda e: e.time_range.start)
     comm = _union([(e.time_range.start, e.time_range.end) for e in kernels if is_comm(e)])
     # the operator that launched a kernel: its runtime call (same correlation id) and that call's parent
+    # (torch < 2.13 has no linked_correlation_id: the kernel's name alone then)
     launcher: dict[int, str] = {}
     for e in events:
         if e.device_type.name == "CPU" and e.name.startswith("cuda") and e.cpu_parent is not None:
-            launcher[e.linked_correlation_id or e.id] = e.cpu_parent.name
+            launcher[getattr(e, "linked_correlation_id", None) or e.id] = e.cpu_parent.name
     waiting, host = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
     for before, after in zip(stream, stream[1:]):
         start, end = before.time_range.end, after.time_range.start
         if end - start < MIN_GAP_US:
             continue
-        op = launcher.get(after.linked_correlation_id, "?")
+        op = launcher.get(getattr(after, "linked_correlation_id", None), "?")
         key = f"{op} -> {after.name[:60]}"
         on_comm = _overlap(start, end, comm)
         for table, us in ((waiting, on_comm), (host, end - start - on_comm)):

@@ -26,6 +26,15 @@ class Routing:
     groups: torch.Tensor  # (B, N) int64 in [0, num_groups)
     gate: torch.Tensor  # (B, N) float32: p(g(x) | x), the output is scaled by it
     num_groups: int
+    # What methods derive from this routing alone (a sort by group, its host-side counts), kept for the
+    # routing's lifetime (one layer call): head sub-groups of a call and a wrapper's prepare() reuse it.
+    plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def plan(self, key, build):
+        """plans[key], built by build() on first use."""
+        if key not in self.plans:
+            self.plans[key] = build()
+        return self.plans[key]
 
 
 class StateSlot:
@@ -80,6 +89,11 @@ class AttentionMethod:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(self, meta: AttentionMeta) -> None:
+        """Work that needs meta alone, done before q, k, v exist. Context-parallel wrappers call it with
+        the whole sequence's meta while the q, k, v exchange is in flight, so that what it waits for
+        (MoGA: the group counts on the host) is hidden behind the exchange. Default: nothing."""
 
     def flops(self, meta: AttentionMeta, shape: tuple[int, int, int, int]) -> float:
         """FLOPs of the forward just made with `meta` on q of `shape` (B, N, H, D).

@@ -170,10 +170,20 @@ class MoGAAttention(AttentionMethod):
     needs_routing = True
     cudnn_shapes_follow_data = True  # one dense call per group: lengths follow the router
 
+    def prepare(self, meta: AttentionMeta) -> None:
+        if meta.routing is not None:
+            self.permutation(meta.routing).counts  # the host sync, while the caller's exchange runs
+
+    @staticmethod
+    def permutation(routing: Routing) -> Permutation:
+        """Tokens sorted by group: once per routing (head sub-groups and prepare() share it)."""
+        b = routing.groups.shape[0]
+        return routing.plan("moga", lambda: Permutation.by_segment(group_segments(routing), b * routing.num_groups))
+
     def forward(self, q, k, v, meta: AttentionMeta):
         routing = check_routing(meta, q.shape, self.name)
         b, n, h, _ = q.shape
-        perm = Permutation.by_segment(group_segments(routing), b * routing.num_groups)
+        perm = self.permutation(routing)
         gate = routing.gate.reshape(-1).index_select(0, perm.order)  # (B * N,) in group order
         qs, ks, vs = perm.gather(q), perm.gather(k), perm.gather(v)  # launched before the counts are read
         o = self.backend.segments(qs, ks, vs, perm.cu_seqlens, counts=perm.counts,

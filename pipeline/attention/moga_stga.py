@@ -43,7 +43,7 @@ import torch
 
 from pipeline.attention.backends.merge import merge_rows
 from pipeline.attention.backends.rows import take_rows
-from pipeline.attention.base import AttentionMeta, AttentionMethod
+from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing
 from pipeline.attention.moga import Permutation, check_routing, group_segments
 from pipeline.attention.stga import StgaWindows, from_windows, lse_from_windows, to_windows, window_attention, window_ids
 
@@ -88,16 +88,31 @@ class MogaStgaAttention(AttentionMethod):
     def windows(self, layout, device: torch.device | str = "cpu") -> StgaWindows:
         return window_ids(layout, self.cfg.stga.window, self.cfg.stga.cross_shots, device)
 
+    def prepare(self, meta: AttentionMeta) -> None:
+        if meta.routing is not None:
+            device = meta.routing.groups.device
+            self.permutation(meta.routing, self.windows(meta.layout, device)).counts  # the host sync
+
+    @staticmethod
+    def permutation(routing: Routing, windows: StgaWindows) -> Permutation:
+        """One sort by (batch row, group, window): groups and cells are both contiguous runs. Once per
+        routing and window set (head sub-groups and prepare() share it)."""
+        b, m, nw = routing.groups.shape[0], routing.num_groups, windows.count
+
+        def build():
+            cell = group_segments(routing) * nw + windows.token_window.repeat(b)  # (B * N,)
+            return Permutation.by_segment(cell, b * m * nw)
+
+        return routing.plan(("cells", id(windows)), build)
+
     def forward(self, q, k, v, meta: AttentionMeta):
         routing = check_routing(meta, q.shape, self.name)
         b, n, h, _ = q.shape
         windows = self.windows(meta.layout, q.device)
         if windows.token_window.numel() != n:
             raise ValueError(f"moga+stga: q holds {n} tokens but the layout has {windows.token_window.numel()}")
-        m, nw = routing.num_groups, windows.count
-        # one sort by (batch row, group, window): groups and cells are both contiguous runs
-        cell = group_segments(routing) * nw + windows.token_window.repeat(b)  # (B * N,)
-        perm = Permutation.by_segment(cell, b * m * nw)
+        nw = windows.count
+        perm = self.permutation(routing, windows)
         qs, ks, vs = perm.gather(q), perm.gather(k), perm.gather(v)  # (B * N, H, D), queued before the sync
         gate = routing.gate.reshape(-1).index_select(0, perm.order)  # (B * N,) fp32, group order
         group_cu = perm.cu_seqlens[::nw].contiguous()  # a group's cells are consecutive: every nw-th offset

@@ -35,7 +35,11 @@ from pipeline.parallel.state import StateParallelAttention
 from pipeline.parallel.ulysses import UlyssesAttention, check_heads
 
 _WRAPPERS = (UlyssesAttention, StateParallelAttention, RingAttention)
-OVERLAP_CHUNKS = 2  # on CUDA: the all-to-alls of one half of a rank's heads run under the other's attention
+# Head sub-groups per rank whose exchanges overlap attention. 1 by default: on 2 H200s over NVLink the
+# overlap lost (126k tokens: dense 3.074 s one exchange vs 3.168 s two sub-groups, moga+stga 1.343 vs
+# 1.448 s; NCCL's kernels slow the attention they run beside more than the hidden exchange saves).
+# Links slower than NVLink may gain from 2 (parallelize(..., chunks=2)).
+DEFAULT_CHUNKS = 1
 # Per-token fields of Tokens and their sequence dim (the adapter declares them as Tokens.SEQUENCE_DIMS).
 SEQUENCE_DIMS: dict[str, int] = getattr(Tokens, "SEQUENCE_DIMS", {"hidden": 1, "rope": 1, "shot": 0})
 
@@ -60,7 +64,7 @@ class ParallelDiT:
 
     def __init__(self, adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False, chunks: int | None = None):
         self.adapter, self.ctx = adapter, ctx
-        chunks = chunks or (OVERLAP_CHUNKS if ctx.device.type == "cuda" else 1)
+        chunks = chunks or DEFAULT_CHUNKS
         self.by_frames = adapter.family == "sana"
         self.plan: ShardPlan | None = None  # the cut of the forward in progress (read by the halo convs)
         if ctx.world == 1:
@@ -156,5 +160,5 @@ def parallelize(adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False,
                 chunks: int | None = None) -> ParallelDiT:
     """Apply context parallelism over `ctx` to `adapter` (see the module docstring). `ring`
     (parallel.ring): dense layers use ring attention when the ranks do not divide the heads.
-    `chunks`: head sub-groups per rank whose all-to-alls overlap attention (None: 2 on CUDA, else 1)."""
+    `chunks`: head sub-groups per rank whose all-to-alls overlap attention (None: DEFAULT_CHUNKS)."""
     return ParallelDiT(adapter, ctx, ring, chunks)

@@ -146,8 +146,11 @@ class UlyssesAttention:
         check_heads(h, ctx.world)
         plan_of_shard(meta.layout, ctx.world, n_local)  # refuses a shard that is not a cut of the layout
         chunks = self._chunks(h, meta)
+        full = self._full_meta(meta, n_local)  # its small gathers go first on the communication stream
         incoming = [seq_to_heads((q, k, v), ctx, c, chunks) for c in range(chunks)]  # all in flight at once
-        full = self._full_meta(meta, n_local)
+        prepare = getattr(self.method, "prepare", None)  # optional for method-like wrappers (carry.py)
+        if prepare is not None:
+            prepare(full)  # e.g. MoGA's sort and host sync, under the exchange
         outgoing, stats = [], []
         for c, exchange in enumerate(incoming):
             qkv = [t[:, :num_tokens] for t in exchange.result()]  # q, k, v (B, N, H/P/chunks, D)
