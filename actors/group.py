@@ -158,6 +158,8 @@ class WorkerGroup:
             done("device")
             writer_ready = self._load_writer(writer) if writer is not None else []
             if self.load_model:
+                self._gather([w.import_model_code.remote() for w in self.workers])
+                done("imports")  # on every rank at once (Worker.import_model_code)
                 self._gather([self.workers[0].fetch_weights.remote()])
                 done("weights")
             if self.size == 1:
