@@ -269,3 +269,30 @@ def test_rendezvous_from_torchrun_env(monkeypatch):
         Rendezvous("h", 1, 0, 1, "mpi")
     with pytest.raises(ValueError, match="parallel.timeout_s"):
         Rendezvous("h", 1, 0, 1, timeout_s=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the lead runs it on the GPU machine)")
+@pytest.mark.parametrize("name", ["dense", "moga+stga"])
+def test_received_layout_on_cuda_matches_contiguous(name):
+    """Ulysses hands a method q, k, v as views of the receive buffer: a token's q, k, v adjacent
+    (token stride 3 * H * D). On CUDA (cuDNN SDPA, the key-tile split at 9,000 keys, the row gathers)
+    the result must match the method on contiguous inputs to bf16 rounding, both measured against
+    an fp32 computation of the same method."""
+    g = torch.Generator().manual_seed(3)
+    layout = VideoLayout(frames=5, height=30, width=60)  # 9,000 tokens: whole key tiles + a rest
+    n, h, d = layout.num_tokens, 6, 128
+    q, k, v = (torch.randn(1, n, h, d, generator=g).cuda() for _ in range(3))
+    routing = Routing(torch.randint(0, 3, (1, n), generator=g).cuda(), torch.rand(1, n, generator=g).cuda(), 3)
+    section = dict(moga={"num_groups": 3}, stga={"window": [1, 15, 20]}) if name != "dense" else {}
+    fn = method(name, **section)
+    meta = lambda: AttentionMeta(layout, routing=routing if name != "dense" else None)  # noqa: E731
+    want = fn(q, k, v, meta()).float()  # fp32
+    bf = [t.bfloat16() for t in (q, k, v)]
+    contiguous = fn(*bf, meta()).float()
+    packed = torch.stack(bf, dim=2)  # (1, N, 3, H, D): the receive buffer's layout with P * L = N
+    views = [packed[:, :, i] for i in range(3)]
+    assert views[0].stride(1) == 3 * h * d
+    strided = fn(*views, meta()).float()
+    err_contiguous = (contiguous - want).abs().max().item()
+    err_strided = (strided - want).abs().max().item()
+    assert err_strided <= max(2 * err_contiguous, 1e-2), (err_strided, err_contiguous)
