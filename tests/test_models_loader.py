@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.models import encode_prompts, load_model
+from pipeline.models import encode_prompts, load_model, load_vae
 from pipeline.models import random_weights
 from pipeline.models.random_weights import build_components, publish, random_weights_dir
 
@@ -115,6 +115,19 @@ def test_dtype_and_device_arguments_override_the_config(cache):
     assert next(bundle.text_encoder.parameters()).dtype == torch.bfloat16
     assert next(bundle.vae.parameters()).dtype == torch.float32  # model.vae_dtype
     assert not any(p.requires_grad for p in bundle.transformer.parameters())
+
+
+def test_load_vae_reads_the_same_vae_alone(cache, tmp_path, no_network):
+    """The writer's loader: the bundle's VAE (same weights, model.vae_dtype, frozen), and the same
+    one-line errors as load_model."""
+    cfg = _cfg(cache, "wan").model
+    vae, bundle = load_vae(cfg, "cpu"), load_model(cfg, "cpu", torch.bfloat16)
+    assert type(vae) is type(bundle.vae) and next(vae.parameters()).dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), bundle.vae.state_dict().values()))
+    assert not any(p.requires_grad for p in vae.parameters())
+    with pytest.raises(ConfigError) as e:
+        load_vae(_cfg(cache, "wan", f"model.path={tmp_path}/missing").model)
+    _one_line(e, "model.path: no such directory")
 
 
 def test_routers_shipped_with_the_weights_are_loaded(cache, tmp_path, no_network):

@@ -4,7 +4,7 @@ adapters (adapter.py + processors.py, wan.py, sana.py) that run the transformer 
 from __future__ import annotations
 
 from pipeline.models.adapter import DiTAdapter, Tokens
-from pipeline.models.loader import ModelBundle, load_model
+from pipeline.models.loader import ModelBundle, load_model, load_vae
 from pipeline.models.text import TextEmbeddings, encode_prompts
 
 
@@ -17,4 +17,4 @@ def build_adapter(bundle: ModelBundle, attention_cfg) -> DiTAdapter:
     return cls(bundle.transformer, attention_cfg, bundle.routers_state)
 
 
-__all__ = ["DiTAdapter", "ModelBundle", "TextEmbeddings", "Tokens", "build_adapter", "encode_prompts", "load_model"]
+__all__ = ["DiTAdapter", "ModelBundle", "TextEmbeddings", "Tokens", "build_adapter", "encode_prompts", "load_model", "load_vae"]

@@ -11,6 +11,7 @@ in this layout (random_weights.py) and loaded from there: one code path for ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -148,6 +149,30 @@ def _routers(source: str, revision: str) -> dict[str, torch.Tensor] | None:
         return None
 
 
+def _weights_location(model_cfg) -> tuple[str, str, dict]:
+    """(source as configured or the random-weight cache, where to read it, hub kwargs)."""
+    from pipeline.models.random_weights import random_weights_dir
+
+    source = shipped_path(model_cfg.path) if model_cfg.path else str(random_weights_dir(model_cfg))
+    local = _is_local(source)
+    if local and not Path(os.path.expanduser(source)).is_dir():
+        raise ConfigError("model.path", source, "no such directory (expected a directory in diffusers layout "
+                                                "or a hub id like Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
+    where = os.path.expanduser(source) if local else source
+    return source, where, {} if local or not model_cfg.revision else {"revision": model_cfg.revision}
+
+
+@contextlib.contextmanager
+def _one_line_errors(model_cfg, source: str):
+    """Missing files, bad repo ids, bad JSON -> one ConfigError naming model.path."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ConfigError("model.path", source, f"cannot load {model_cfg.family} weights: {_first_line(e)}") from None
+
+
 def load_model(model_cfg, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
     """Transformer, VAE, text encoder and tokenizer of model.path (or of the random-weight cache).
 
@@ -156,32 +181,31 @@ def load_model(model_cfg, device: torch.device | str | None = None, dtype: torch
     no grad); MoGA routers found next to the transformer come back as routers_state."""
     from transformers import AutoTokenizer
 
-    from pipeline.models.random_weights import random_weights_dir
-
     _quiet()
     device = resolve_device(model_cfg.device if device is None else device)
     dtype = DTYPES[model_cfg.dtype] if dtype is None else dtype
-    vae_dtype = DTYPES[model_cfg.vae_dtype]
-    source = shipped_path(model_cfg.path) if model_cfg.path else str(random_weights_dir(model_cfg))
-    local = _is_local(source)
-    if local and not Path(os.path.expanduser(source)).is_dir():
-        raise ConfigError("model.path", source, "no such directory (expected a directory in diffusers layout "
-                                                "or a hub id like Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
-    where = os.path.expanduser(source) if local else source
-    hub = {} if local or not model_cfg.revision else {"revision": model_cfg.revision}
-    try:
+    source, where, hub = _weights_location(model_cfg)
+    with _one_line_errors(model_cfg, source):
         index = read_model_index(where, model_cfg.revision)
         transformer_cls, vae_cls, text_cls = component_classes(model_cfg.family, index)
         transformer = transformer_cls.from_pretrained(where, subfolder="transformer", torch_dtype=dtype, **hub)
-        vae = vae_cls.from_pretrained(where, subfolder="vae", torch_dtype=vae_dtype, **hub)
+        vae = vae_cls.from_pretrained(where, subfolder="vae", torch_dtype=DTYPES[model_cfg.vae_dtype], **hub)
         text_encoder = text_cls.from_pretrained(where, subfolder="text_encoder", dtype=dtype, **hub)
         tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer", **hub)
         routers = _routers(where, model_cfg.revision)
-    except ConfigError:
-        raise
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:  # missing files, bad repo ids, bad JSON
-        raise ConfigError("model.path", source, f"cannot load {model_cfg.family} weights: {_first_line(e)}") from None
     for module in (transformer, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
     return ModelBundle(model_cfg.family, source, transformer, vae, text_encoder, tokenizer, device, dtype, routers,
                        model_cfg.text_instruction)
+
+
+def load_vae(model_cfg, device: torch.device | str | None = None):
+    """The VAE of the same weights alone, in model.vae_dtype (the writer's process decodes with it and
+    need not read the transformer: at 1.3B that is ~5 GB read while the workers load theirs)."""
+    _quiet()
+    device = resolve_device(model_cfg.device if device is None else device)
+    source, where, hub = _weights_location(model_cfg)
+    with _one_line_errors(model_cfg, source):
+        _, vae_cls, _ = component_classes(model_cfg.family, read_model_index(where, model_cfg.revision))
+        vae = vae_cls.from_pretrained(where, subfolder="vae", torch_dtype=DTYPES[model_cfg.vae_dtype], **hub)
+    return vae.to(device).eval().requires_grad_(False)

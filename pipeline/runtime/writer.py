@@ -31,10 +31,9 @@ class BlockWriter:
 
     def load_vae(self) -> None:
         import pipeline.video.writer  # noqa: F401  (imported with the VAE, not at the first video's open)
-        from pipeline.models import load_model
+        from pipeline.models import load_vae
 
-        # The whole bundle is read on the CPU and only the VAE kept (and moved to the device).
-        self.vae = load_model(self.model_cfg, "cpu").vae.to(self.device)
+        self.vae = load_vae(self.model_cfg, self.device)  # the VAE alone: the workers read the transformer
 
     def ping(self) -> bool:
         return True
