@@ -77,5 +77,21 @@ def test_to_uint8_maps_the_range_ends_and_middle():
 
 
 def test_bad_latent_shape_is_one_line(vae):
-    with pytest.raises(ValueError, match=r"latents: expected \(1, 16, T, h, w\), got \(1, 4, 2, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"latents: expected \(1, 16, T >= 1, h, w\), got \(1, 4, 2, 4, 4\)"):
         StreamingDecoder(vae).decode(torch.zeros(1, 4, 2, 4, 4))
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_frame_chunks_equal_the_whole_block(vae, per_chunk):
+    """What VideoWriter encodes while the next chunk decodes: chunk by chunk, the same frames, bit for
+    bit, across blocks (the cache carries between chunks as between blocks)."""
+    latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(4))
+    whole = StreamingDecoder(vae)
+    want = [whole.decode(block) for block in latents.split([2, 3], dim=2)]
+    chunked = StreamingDecoder(vae)
+    got = [list(chunked.frame_chunks(block, per_chunk)) for block in latents.split([2, 3], dim=2)]
+    assert [len(c) for c in got] == [-(-2 // per_chunk), -(-3 // per_chunk)]
+    for block_want, block_got in zip(want, got):
+        assert np.array_equal(np.concatenate(block_got), block_want)
+    with pytest.raises(ValueError, match="T >= 1"):
+        next(chunked.frame_chunks(latents[:, :, :0]))

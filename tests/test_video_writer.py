@@ -135,6 +135,26 @@ def test_failures_leave_nothing(tmp_path, vae, latents):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_encode_failure_on_the_encode_thread_leaves_nothing(tmp_path, vae, latents, monkeypatch):
+    """Chunks are encoded on a second thread: its failure reaches write_block and aborts the video."""
+    from pipeline.video.encode import FragmentedMP4Encoder
+
+    calls = []
+    real = FragmentedMP4Encoder.add_frames
+
+    def failing(self, frames):
+        calls.append(len(frames))
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(self, frames)
+
+    monkeypatch.setattr(FragmentedMP4Encoder, "add_frames", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with VideoWriter(FileStore(tmp_path), "clip", vae, FPS, OUTPUT) as writer:
+            writer.write_block(latents[:, :, :3])
+    assert writer.state == "aborted" and list(tmp_path.iterdir()) == [] and calls == [1, 4]
+
+
 def test_json_failure_removes_the_mp4(tmp_path, vae, latents):
     store = FileStore(tmp_path)
     (tmp_path / "clip.json").mkdir()  # a directory where the JSON should go: its put fails

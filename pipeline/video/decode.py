@@ -17,6 +17,8 @@ list, not the VAE's `_feat_map`, so several decoders can share one VAE.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
@@ -65,28 +67,41 @@ class StreamingDecoder:
         return first + self.temporal * (latent_frames - 1)
 
     @torch.no_grad()
-    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents (1, C, T_b, h, w), normalised as the sampler sees them -> (1, 3, F_b, H, W) in [-1, 1]."""
-        if latents.ndim != 5 or latents.shape[0] != 1 or latents.shape[1] != self._mean.shape[1]:
-            raise ValueError(f"latents: expected (1, {self._mean.shape[1]}, T, h, w), got {tuple(latents.shape)}")
-        expected = self.frames_for(latents.shape[2])
+    def pixel_chunks(self, latents: torch.Tensor, latent_frames: int = 1) -> Iterator[torch.Tensor]:
+        """latents (1, C, T_b, h, w), normalised as the sampler sees them -> (1, 3, F, H, W) in [-1, 1],
+        `latent_frames` latent frames at a time (the last chunk may be shorter). Consumers can work on
+        one chunk while the next decodes (VideoWriter encodes them meanwhile)."""
+        if (latents.ndim != 5 or latents.shape[0] != 1 or latents.shape[1] != self._mean.shape[1]
+                or latents.shape[2] < 1):
+            raise ValueError(f"latents: expected (1, {self._mean.shape[1]}, T >= 1, h, w), got {tuple(latents.shape)}")
         z = latents.to(self._mean.device, self._mean.dtype) * self._std + self._mean  # de-normalise
         x = self.vae.post_quant_conv(z)  # 1x1x1 conv: frame-local, safe to apply per block
-        outs = []
-        for i in range(x.shape[2]):
-            conv_idx = [0]  # the decoder walks its causal convs in order, indexing the cache
-            outs.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=conv_idx,
-                                         first_chunk=self.latent_frames == 0))
-            self.latent_frames += 1
-        out = torch.cat(outs, 2)
-        if self.vae.config.patch_size is not None:
-            out = unpatchify(out, patch_size=self.vae.config.patch_size)
-        out = out.clamp(-1.0, 1.0)
-        if out.shape[2] != expected:
-            raise RuntimeError(f"VAE decoded {out.shape[2]} frames, expected {expected}: "
-                               "diffusers' Wan decoder changed (pinned to 0.42)")
-        self.pixel_frames += out.shape[2]
-        return out
+        for start in range(0, x.shape[2], latent_frames):
+            expected = self.frames_for(min(latent_frames, x.shape[2] - start))
+            outs = []
+            for i in range(start, min(start + latent_frames, x.shape[2])):
+                conv_idx = [0]  # the decoder walks its causal convs in order, indexing the cache
+                outs.append(self.vae.decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=conv_idx,
+                                             first_chunk=self.latent_frames == 0))
+                self.latent_frames += 1
+            out = torch.cat(outs, 2)
+            if self.vae.config.patch_size is not None:
+                out = unpatchify(out, patch_size=self.vae.config.patch_size)
+            out = out.clamp(-1.0, 1.0)
+            if out.shape[2] != expected:
+                raise RuntimeError(f"VAE decoded {out.shape[2]} frames, expected {expected}: "
+                                   "diffusers' Wan decoder changed (pinned to 0.42)")
+            self.pixel_frames += out.shape[2]
+            yield out
+
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (1, C, T_b, h, w) -> (1, 3, F_b, H, W) in [-1, 1], the whole block at once."""
+        return torch.cat(list(self.pixel_chunks(latents, max(1, latents.shape[2]))), 2)
+
+    def frame_chunks(self, latents: torch.Tensor, latent_frames: int = 1) -> Iterator[np.ndarray]:
+        """pixel_chunks as (F, H, W, 3) uint8 frames."""
+        for chunk in self.pixel_chunks(latents, latent_frames):
+            yield to_uint8(chunk)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """latents (1, C, T_b, h, w) -> frames (F_b, H, W, 3) uint8; F_b = 1 + 4(T_b - 1) first, 4 T_b after."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,6 +18,9 @@ import torch
 from pipeline.storage.base import ObjectStore, ObjectWriter
 from pipeline.video.decode import StreamingDecoder
 from pipeline.video.encode import FragmentedMP4Encoder
+
+
+DECODE_CHUNK = 1  # latent frames decoded per chunk handed to the encoder (4 pixel frames after the first)
 
 
 @dataclass
@@ -65,33 +69,56 @@ class VideoWriter:
         self._object = store.open_writer(self.key)
         self._sink = _TimedSink(self._object)
         self._encoder: FragmentedMP4Encoder | None = None  # made on the first block: size from the VAE
+        self._encoded = 0  # pixel frames handed to the encoder
 
     @property
     def frames(self) -> int:
         return sum(self.block_frames)
 
     def write_block(self, latents: torch.Tensor) -> BlockReport:
-        """latents (1, C, T_b, h, w) of the next block, as the sampler produced them."""
+        """latents (1, C, T_b, h, w) of the next block, as the sampler produced them.
+
+        Decoded DECODE_CHUNK latent frames at a time; each chunk's frames are encoded on a second
+        thread while the next chunk decodes (x264 and the GPU's decode overlap; at most one chunk
+        waits), so a block costs about max(decode, encode) rather than their sum."""
         self._check_open()
+        frames_before, upload_before = self.frames, self._sink.seconds
+        block = Timings()
+        pending: Future | None = None
         try:
-            t0 = time.perf_counter()
-            frames = self.decoder.decode(latents)  # (F_b, H, W, 3) uint8
-            t1 = time.perf_counter()
-            if self._encoder is None:
-                self._encoder = FragmentedMP4Encoder(
-                    self._sink, self.fps, width=frames.shape[2], height=frames.shape[1], codec=self.output.codec,
-                    crf=self.output.crf, preset=self.output.preset, gop=self.gop)
-            upload_before = self._sink.seconds
-            self._encoder.add_frames(frames)
-            t2 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{self.name}") as pool:
+                try:
+                    t0 = time.perf_counter()
+                    for frames in self.decoder.frame_chunks(latents, DECODE_CHUNK):
+                        block.decode_s += time.perf_counter() - t0
+                        if self._encoder is None:
+                            self._encoder = FragmentedMP4Encoder(
+                                self._sink, self.fps, width=frames.shape[2], height=frames.shape[1],
+                                codec=self.output.codec, crf=self.output.crf, preset=self.output.preset, gop=self.gop)
+                        if pending is not None:
+                            block.encode_s += pending.result()
+                        pending = pool.submit(self._encode, frames)
+                        t0 = time.perf_counter()
+                    if pending is not None:
+                        block.encode_s += pending.result()
+                finally:
+                    if pending is not None and not pending.done():
+                        wait([pending])  # a decode failure: the encoder is idle before abort() touches it
         except BaseException:
             self.abort()
             raise
-        upload = self._sink.seconds - upload_before
-        block = Timings(decode_s=t1 - t0, encode_s=t2 - t1 - upload, upload_s=upload)
+        block.upload_s = self._sink.seconds - upload_before
+        block.encode_s -= block.upload_s  # the sink's writes happen inside encoding
         self.timings.add(block)
-        self.block_frames.append(len(frames))
-        return BlockReport(frames=len(frames), bytes_out=self._encoder.bytes_written, timings=block)
+        self.block_frames.append(self._encoded - frames_before)
+        return BlockReport(frames=self.block_frames[-1], bytes_out=self._encoder.bytes_written, timings=block)
+
+    def _encode(self, frames) -> float:
+        """On the encode thread: frames into the encoder; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self._encoder.add_frames(frames)
+        self._encoded += len(frames)
+        return time.perf_counter() - t0
 
     def finish(self, metadata: dict) -> dict:
         """Flush and commit the MP4, then put name.json = metadata + {"mp4": what the writer knows}.
