@@ -14,7 +14,6 @@ writer lives in its own bundle and keeps its video open across a rebuild.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -25,9 +24,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.errors import REMOTE_ERRORS, remote_error
 from actors.worker import RayWorker
-from pipeline.attention.cudnn_env import avoid_recompile_env
 from pipeline.runtime.writer import BlockWriter
-from pipeline.parallel.groups import Rendezvous
+from pipeline.parallel.rendezvous import Rendezvous
 from pipeline.runtime.scheduler import BlockOutput
 from pipeline.runtime.worker import Placement, ResourceTimeout, WorkerLost
 
@@ -188,19 +186,8 @@ class WorkerGroup:
     def worker_options(self, bundle: int) -> dict[str, Any]:
         """Ray actor options of the worker in bundle `bundle` of this build."""
         return dict(name=f"{self.name}-build{self.builds}-worker{bundle}",  # for `ray list actors` (and tests)
-                    num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, runtime_env=self.worker_runtime_env(),
+                    num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle))
-
-    def worker_runtime_env(self) -> dict | None:
-        """The workers' runtime_env beyond the job's (None: the job's as it is). GPU workers of a method
-        whose cuDNN shapes follow the data start with TORCH_CUDNN_SDPA_AVOID_RECOMPILE
-        (pipeline/attention/cudnn_env.py): in the environment before the process starts, since torch
-        reads it once. A value the job's runtime_env or the driver's environment holds is passed on."""
-        if self.gpus <= 0:
-            return None
-        job = (ray.get_runtime_context().runtime_env.get("env_vars") if ray.is_initialized() else None) or {}
-        env = avoid_recompile_env(self.cfg.attention, {**os.environ, **job})  # the job's is what workers get
-        return {"env_vars": env} if env else None
 
     def _new_writer(self):
         """The writer in the last bundle: rank 0's node, and it decodes on rank 0's GPU (time-shared)."""

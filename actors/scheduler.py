@@ -19,9 +19,16 @@ from pipeline.runtime.results import VideoResult
 from pipeline.runtime.scheduler import VideoScheduler
 
 
+def _import_sampling() -> None:
+    """torch and the sampler's plan, which the first run_video needs: imported on a thread of their own
+    while the group starts (this actor's own start, on the job's critical path, imports no torch)."""
+    import pipeline.sampling.plan  # noqa: F401
+
+
 class Scheduler:
     def __init__(self, cfg, name: str, gpus_per_worker: float):
         """`cfg` is the batch's base Config (model, attention, parallel and cluster hold for every video)."""
+        threading.Thread(target=_import_sampling, name="import-sampling", daemon=True).start()
         self.cfg, self.name = cfg, name
         self.group = WorkerGroup(cfg, name, gpus_per_worker=gpus_per_worker)
         self.writer = RemoteWriter(self.group)

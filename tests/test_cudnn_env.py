@@ -4,7 +4,6 @@ Pipeline and the parallel benchmark get it before any cuDNN work, a user's own v
 import pytest
 from omegaconf import OmegaConf
 
-from actors.group import WorkerGroup
 from pipeline.attention import method_names
 from pipeline.attention.cudnn_env import (AVOID_RECOMPILE, avoid_recompile_env, avoid_recompile_wanted,
                                           use_avoid_recompile)
@@ -49,20 +48,26 @@ def test_use_in_this_process_only_on_cuda_and_never_over_a_user_value(env):
     assert not use_avoid_recompile(attention("moga"), "cuda") and os.environ[AVOID_RECOMPILE] == "0"
 
 
-@pytest.mark.parametrize("method, gpus, user, expected", [
-    ("moga+stga", 1, None, {"env_vars": {AVOID_RECOMPILE: "1"}}),
-    ("moga", 1, None, {"env_vars": {AVOID_RECOMPILE: "1"}}),
-    ("moga+stga", 1, "0", {"env_vars": {AVOID_RECOMPILE: "0"}}),  # the driver's value goes to the workers
-    ("dense", 1, None, None),
-    ("stga", 1, None, None),
-    ("moga+stga", 0, None, None),  # CPU workers: no cuDNN
+@pytest.mark.parametrize("method, device, user, expected", [
+    ("moga+stga", "cuda:0", None, "1"),
+    ("moga", "cuda:1", None, "1"),
+    ("moga+stga", "cuda:0", "0", "0"),  # the job's (or the cluster's) value is kept
+    ("dense", "cuda:0", None, None),
+    ("stga", "cuda:0", None, None),
+    ("moga+stga", "cpu", None, None),  # CPU workers: no cuDNN
 ])
-def test_worker_group_runtime_env(env, method, gpus, user, expected):
+def test_a_ray_worker_sets_it_when_it_takes_its_device(env, method, device, user, expected):
+    """Worker.set_device, which the WorkerGroup calls before anything builds a model on the rank."""
+    import os
+
+    import pipeline.runtime.worker as worker_module
+
     if user is not None:
         env.setenv(AVOID_RECOMPILE, user)
-    cfg = load_config(None, [f"attention={method}", f"cluster.gpus_per_worker={gpus}"])
-    group = WorkerGroup(cfg, load_model=False, writer=False)  # not started: no Ray needed
-    assert [group.worker_options(i)["runtime_env"] for i in range(group.size)] == [expected] * group.size
+    env.setattr(worker_module, "select_device", lambda visible, index: device)  # CUDA itself is not touched
+    cfg = load_config(None, [f"attention={method}"])
+    assert worker_module.Worker(cfg).set_device("0,1", 0) == device
+    assert os.environ.get(AVOID_RECOMPILE) == expected
 
 
 class _Built(Exception):

@@ -12,8 +12,9 @@ stga's windows and lite's tiles are fixed by the layout, and moc's gathered call
 shapes (powers of two of items, key counts from a small set), built once and reused.
 
 torch reads the variable once per process, at its first cuDNN SDPA call, so it must be in the
-environment before then: Ray workers get it in their runtime_env (actors/group.py), the local
-Pipeline sets it before it builds the model. A value the user set, 0 included, is kept.
+environment before then: a Ray worker sets it when it takes its device (Worker.set_device), the local
+Pipeline before it builds the model. A value the user set, 0 included (the job's runtime_env, the
+environment the cluster was started with), is kept.
 """
 
 from __future__ import annotations

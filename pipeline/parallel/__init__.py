@@ -1,15 +1,26 @@
 """Context parallelism (docs/parallel.md): process groups, sequence shards, Ulysses all-to-all around
 every attention method, the state strategy for linear attention, SANA's temporal-conv halo, and
-parallelize(adapter, ctx) applying all of it to a model from outside."""
+parallelize(adapter, ctx) applying all of it to a model from outside.
+
+Names load on first use: `pipeline.parallel.rendezvous` (plain data) can be imported by a process
+that never touches torch (the scheduler) without pulling in the rest."""
 
 from __future__ import annotations
 
-from pipeline.parallel.dit import ParallelDiT, parallel_attention, parallelize
-from pipeline.parallel.groups import ParallelContext, Rendezvous, close_group, free_port, init_group
-from pipeline.parallel.shard import ShardPlan, gather, plan_for, shard
-from pipeline.parallel.state import StateParallelAttention
-from pipeline.parallel.ulysses import UlyssesAttention, check_heads
+import importlib
 
-__all__ = ["ParallelContext", "ParallelDiT", "Rendezvous", "ShardPlan", "StateParallelAttention", "UlyssesAttention",
-           "check_heads", "close_group", "free_port", "gather", "init_group", "parallel_attention", "parallelize",
-           "plan_for", "shard"]
+_WHERE = {
+    "ParallelDiT": "dit", "parallel_attention": "dit", "parallelize": "dit",
+    "ParallelContext": "groups", "close_group": "groups", "init_group": "groups",
+    "Rendezvous": "rendezvous", "free_port": "rendezvous",
+    "ShardPlan": "shard", "gather": "shard", "plan_for": "shard",  # shard(): pipeline.parallel.shard.shard
+    "StateParallelAttention": "state",
+    "UlyssesAttention": "ulysses", "check_heads": "ulysses",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'pipeline.parallel' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipeline.parallel.{_WHERE[name]}"), name)

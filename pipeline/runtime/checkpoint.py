@@ -21,13 +21,27 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from typing import TYPE_CHECKING
 
 from pipeline.config import to_dict
 from pipeline.storage.base import ObjectStore
+
+if TYPE_CHECKING:
+    import torch
+
+
+# torch (safetensors.torch) is imported on first use: the scheduler's process imports this module on the
+# job's start-up path and needs torch only once a block's latents arrive.
+def save_tensors(tensors: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def load_tensors(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(data)
 
 # Sections whose values change the latents; storage, output and cluster do not.
 FINGERPRINT_SECTIONS = ("video", "model", "attention", "sampling", "parallel")

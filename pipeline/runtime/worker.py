@@ -93,12 +93,17 @@ class Worker:
     # --- phases -----------------------------------------------------------------------------------
     def publish_rendezvous(self, host: str) -> int:
         """Rank 0: a port free on its node, where it will serve the group's store."""
-        from pipeline.parallel.groups import free_port
+        from pipeline.parallel.rendezvous import free_port
 
         return free_port(host)
 
     def set_device(self, visible_devices: str | None, index: int | None) -> str:
+        from pipeline.attention.cudnn_env import use_avoid_recompile
+
         self.device = select_device(visible_devices, index)
+        # Before this process's first cuDNN SDPA call (torch reads it then, once): GPU ranks of a method
+        # whose cuDNN shapes follow the data; a value the job's environment holds is kept.
+        use_avoid_recompile(self.cfg.attention, self.device)
         return self.device
 
     def import_model_code(self) -> None:
@@ -123,7 +128,7 @@ class Worker:
         return str(random_weights_dir(self.cfg.model))
 
     def join_group(self, rendezvous) -> int:
-        """`rendezvous` is this rank's pipeline.parallel.groups.Rendezvous; None: a group of one, which
+        """`rendezvous` is this rank's pipeline.parallel.rendezvous.Rendezvous; None: a group of one, which
         needs no process group at all."""
         from pipeline.parallel.groups import ParallelContext, init_group
 
