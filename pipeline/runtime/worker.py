@@ -98,9 +98,9 @@ class Worker:
         return free_port(host)
 
     def set_device(self, visible_devices: str | None, index: int | None) -> str:
+        self.device = select_device(visible_devices, index)  # first: nothing may start CUDA before it
         from pipeline.attention.cudnn_env import use_avoid_recompile
 
-        self.device = select_device(visible_devices, index)
         # Before this process's first cuDNN SDPA call (torch reads it then, once): GPU ranks of a method
         # whose cuDNN shapes follow the data; a value the job's environment holds is kept.
         use_avoid_recompile(self.cfg.attention, self.device)
