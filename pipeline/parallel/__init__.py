@@ -24,3 +24,7 @@ def __getattr__(name: str):
     if name not in _WHERE:
         raise AttributeError(f"module 'pipeline.parallel' has no attribute {name!r}")
     return getattr(importlib.import_module(f"pipeline.parallel.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
