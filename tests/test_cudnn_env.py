@@ -66,7 +66,8 @@ def test_a_ray_worker_sets_it_when_it_takes_its_device(env, method, device, user
         env.setenv(AVOID_RECOMPILE, user)
     env.setattr(worker_module, "select_device", lambda visible, index: device)  # CUDA itself is not touched
     cfg = load_config(None, [f"attention={method}"])
-    assert worker_module.Worker(cfg).set_device("0,1", 0) == device
+    visible = None if device == "cpu" else "0,1"  # what the WorkerGroup passes for CPU and GPU bundles
+    assert worker_module.Worker(cfg).set_device(visible, 0) == device
     assert os.environ.get(AVOID_RECOMPILE) == expected
 
 

@@ -98,12 +98,12 @@ class Worker:
         return free_port(host)
 
     def set_device(self, visible_devices: str | None, index: int | None) -> str:
-        self.device = select_device(visible_devices, index)  # first: nothing may start CUDA before it
-        from pipeline.attention.cudnn_env import use_avoid_recompile
+        from pipeline.attention.cudnn_env import use_avoid_recompile  # imports torch; starts no CUDA
 
-        # Before this process's first cuDNN SDPA call (torch reads it then, once): GPU ranks of a method
-        # whose cuDNN shapes follow the data; a value the job's environment holds is kept.
-        use_avoid_recompile(self.cfg.attention, self.device)
+        # Before CUDA starts, as jobs/bench_parallel.py does (torch reads it once, at the first cuDNN SDPA
+        # call): GPU ranks of a method whose cuDNN shapes follow the data; a value already set is kept.
+        use_avoid_recompile(self.cfg.attention, "cpu" if visible_devices is None else "cuda")
+        self.device = select_device(visible_devices, index)
         return self.device
 
     def import_model_code(self) -> None:
