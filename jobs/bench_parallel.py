@@ -137,12 +137,12 @@ class Timer:
 def with_chunks(model, chunks: int):
     """The parallel model with `chunks` head sub-groups in every Ulysses wrapper (parallelize wraps an
     adapter once; later calls keep its wrappers, so a second chunk count is set on them here)."""
+    from pipeline.parallel.dit import DEFAULT_CHUNKS
     from pipeline.parallel.ulysses import UlyssesAttention
 
-    if chunks:
-        for fn in model.adapter.attention:
-            if isinstance(fn, UlyssesAttention):
-                fn.chunks = chunks
+    for fn in model.adapter.attention:
+        if isinstance(fn, UlyssesAttention):
+            fn.chunks = chunks or DEFAULT_CHUNKS
     return model
 
 
@@ -151,10 +151,11 @@ def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch
     """Milliseconds of one layer's Ulysses exchanges with nothing else running: q, k, v in and the output
     back, in the sub-groups the wrapper uses (seq_to_heads / heads_to_seq), the slowest rank counting.
     What overlap can hide at most; the step's time over P=1's ideal share shows how much stayed exposed."""
+    from pipeline.parallel.dit import DEFAULT_CHUNKS
     from pipeline.parallel.shard import ShardPlan
     from pipeline.parallel.ulysses import heads_to_seq, seq_to_heads
 
-    chunks = chunks or 1
+    chunks = chunks or DEFAULT_CHUNKS
     heads, dim = arch["num_attention_heads"], arch["attention_head_dim"]
     local = ShardPlan(num_tokens, ctx.world).local_len
     q, k, v = (torch.randn(1, local, heads, dim, device=device, dtype=dtype) for _ in range(3))
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
         chunk_counts = [int(c) for c in args.chunks.split(",")]
         runs = [(1, ParallelContext.single(device), 0)] + [(world, ctx, c) for c in chunk_counts if world > 1]
         for p, group, chunks in runs:
-            model = with_chunks(parallelize(adapter, group, chunks=chunks or None), chunks) if p > 1 else adapter
+            model = with_chunks(parallelize(adapter, group), chunks) if p > 1 else adapter
             name = f"ours {method}" + (f" chunks={chunks}" if p > 1 and len(chunk_counts) > 1 else "")
             for i, size in enumerate(sizes):
                 latents, t, text, layout = inputs(grids[size], arch, device, dtype)
@@ -256,8 +257,8 @@ def main(argv=None) -> int:
                         Path(args.out).mkdir(parents=True, exist_ok=True)
                         with open(Path(args.out) / "profile.txt", "a") as f:
                             f.write(f"{name} {size} P={p}: kernels of one forward, rank 0\n{table}\n\n")
-                        say("  " + table.splitlines()[-1].strip() if "compute stream" not in table
-                            else "\n".join(x for x in table.splitlines() if "kernels " in x or "compute stream" in x))
+                        summary = [x for x in table.splitlines() if x.lstrip().startswith(("kernels ", "compute stream"))]
+                        say("\n".join(summary or [f"    operators of one forward: {Path(args.out) / 'profile.txt'}"]))
     if world > 1 and not args.no_diffusers:
         rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say, one_gpu)
     if ctx.rank == 0:

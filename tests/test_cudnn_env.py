@@ -5,8 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.attention import method_names
-from pipeline.attention.cudnn_env import (AVOID_RECOMPILE, avoid_recompile_env, avoid_recompile_wanted,
-                                          use_avoid_recompile)
+from pipeline.attention.cudnn_env import AVOID_RECOMPILE, avoid_recompile_wanted, use_avoid_recompile
 from pipeline.config import AttentionConfig, load_config
 
 # Per registered method: do its cuDNN SDPA calls take lengths that follow the data? (a new method
@@ -29,13 +28,6 @@ def env(monkeypatch):
 def test_wanted_for_the_routed_methods_only():
     assert sorted(WANTED) == method_names()
     assert {m: avoid_recompile_wanted(attention(m)) for m in method_names()} == WANTED
-
-
-def test_env_for_a_process_keeps_an_inherited_value():
-    assert avoid_recompile_env(attention("moga+stga"), {}) == {AVOID_RECOMPILE: "1"}
-    assert avoid_recompile_env(attention("moga"), {AVOID_RECOMPILE: "0"}) == {AVOID_RECOMPILE: "0"}
-    assert avoid_recompile_env(attention("dense"), {}) == {}
-    assert avoid_recompile_env(attention("moc"), {AVOID_RECOMPILE: "1"}) == {}  # nothing to add: it is inherited
 
 
 def test_use_in_this_process_only_on_cuda_and_never_over_a_user_value(env):

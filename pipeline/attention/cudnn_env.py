@@ -20,7 +20,6 @@ environment the cluster was started with), is kept.
 from __future__ import annotations
 
 import os
-from typing import Mapping
 
 import torch
 
@@ -32,15 +31,6 @@ AVOID_RECOMPILE = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 def avoid_recompile_wanted(attention) -> bool:
     """Whether attention.method (an AttentionConfig's) runs cuDNN SDPA on shapes that follow the data."""
     return METHODS[attention.method].cudnn_shapes_follow_data
-
-
-def avoid_recompile_env(attention, inherited: Mapping[str, str]) -> dict[str, str]:
-    """Environment variables for a GPU process that will run `attention`: {} when the method's shapes
-    are fixed; else AVOID_RECOMPILE as `inherited` (what the process would see otherwise: the
-    driver's environment, the job's env_vars) sets it, "1" when it does not."""
-    if not avoid_recompile_wanted(attention):
-        return {}
-    return {AVOID_RECOMPILE: inherited.get(AVOID_RECOMPILE, "1")}
 
 
 def use_avoid_recompile(attention, device: torch.device | str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -86,24 +86,21 @@ class VideoWriter:
         block = Timings()
         pending: Future | None = None
         try:
+            # leaving the pool waits for its encode, so abort() below never races the encode thread
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encode-{self.name}") as pool:
-                try:
-                    t0 = time.perf_counter()
-                    for frames in self.decoder.frame_chunks(latents, DECODE_CHUNK):
-                        block.decode_s += time.perf_counter() - t0
-                        if self._encoder is None:
-                            self._encoder = FragmentedMP4Encoder(
-                                self._sink, self.fps, width=frames.shape[2], height=frames.shape[1],
-                                codec=self.output.codec, crf=self.output.crf, preset=self.output.preset, gop=self.gop)
-                        if pending is not None:
-                            block.encode_s += pending.result()
-                        pending = pool.submit(self._encode, frames)
-                        t0 = time.perf_counter()
+                t0 = time.perf_counter()
+                for frames in self.decoder.frame_chunks(latents, DECODE_CHUNK):
+                    block.decode_s += time.perf_counter() - t0
+                    if self._encoder is None:
+                        self._encoder = FragmentedMP4Encoder(
+                            self._sink, self.fps, width=frames.shape[2], height=frames.shape[1],
+                            codec=self.output.codec, crf=self.output.crf, preset=self.output.preset, gop=self.gop)
                     if pending is not None:
                         block.encode_s += pending.result()
-                finally:
-                    if pending is not None and not pending.done():
-                        wait([pending])  # a decode failure: the encoder is idle before abort() touches it
+                    pending = pool.submit(self._encode, frames)
+                    t0 = time.perf_counter()
+                if pending is not None:
+                    block.encode_s += pending.result()
         except BaseException:
             self.abort()
             raise
