@@ -26,7 +26,7 @@ import torch.distributed as dist
 from pipeline.attention.backends.rows import last_dim_words
 from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing, StateSlot
 from pipeline.parallel.groups import ParallelContext
-from pipeline.parallel.shard import all_gather_seq, pad_to, plan_of_shard
+from pipeline.parallel.shard import all_gather_seq, plan_of_shard
 
 
 def check_heads(heads: int, world: int) -> None:
@@ -95,9 +95,13 @@ def heads_to_seq(x: torch.Tensor, ctx: ParallelContext, n_local: int) -> Exchang
     p = ctx.world
     b, total, hc, d = x.shape
     send = x.new_empty((p, b, n_local, hc, d))  # [j]: the tokens of rank j
-    if total < p * n_local:
-        x = pad_to(x, p * n_local, 1)
-    _copy(send, x.unflatten(1, (p, n_local)).transpose(0, 1))
+    dst = send.transpose(0, 1)  # (B, P, L, Hc, D)
+    whole, rest = divmod(total, n_local)  # ranks whose L tokens are all real; the real tokens of the next
+    _copy(dst[:, :whole], x[:, :whole * n_local].unflatten(1, (whole, n_local)))
+    if whole < p:  # the pad: x's last tokens, then zeros (written in place, not through a padded copy of x)
+        _copy(dst[:, whole, :rest], x[:, whole * n_local:])
+        dst[:, whole, rest:].zero_()
+        dst[:, whole + 1:].zero_()
     return Exchange(send, ctx, lambda recv: recv)
 
 
