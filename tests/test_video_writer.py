@@ -155,6 +155,41 @@ def test_encode_failure_on_the_encode_thread_leaves_nothing(tmp_path, vae, laten
     assert writer.state == "aborted" and list(tmp_path.iterdir()) == [] and calls == [1, 4]
 
 
+def test_decode_failure_waits_for_the_pending_encode_then_leaves_nothing(tmp_path, vae, latents, monkeypatch):
+    """A decode that fails while the previous chunk is still encoding on the second thread: the
+    encode finishes before the abort closes the encoder under it, and nothing of the video stays."""
+    import time
+
+    from pipeline.video.encode import FragmentedMP4Encoder
+
+    events = []
+    real_add, real_abort, real_chunks = (FragmentedMP4Encoder.add_frames, FragmentedMP4Encoder.abort,
+                                         StreamingDecoder.frame_chunks)
+
+    def slow_add(self, frames):
+        time.sleep(0.3)  # still encoding when the next decode fails
+        real_add(self, frames)
+        events.append(f"encoded {len(frames)}")
+
+    def abort(self):
+        events.append("encoder abort")
+        real_abort(self)
+
+    def failing_chunks(self, x, chunk):
+        chunks = real_chunks(self, x, chunk)
+        yield next(chunks)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(FragmentedMP4Encoder, "add_frames", slow_add)
+    monkeypatch.setattr(FragmentedMP4Encoder, "abort", abort)
+    monkeypatch.setattr(StreamingDecoder, "frame_chunks", failing_chunks)
+    writer = VideoWriter(FileStore(tmp_path), "clip", vae, FPS, OUTPUT)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        writer.write_block(latents[:, :, :3])
+    assert events == ["encoded 1", "encoder abort"]
+    assert writer.state == "aborted" and list(tmp_path.iterdir()) == []
+
+
 def test_json_failure_removes_the_mp4(tmp_path, vae, latents):
     store = FileStore(tmp_path)
     (tmp_path / "clip.json").mkdir()  # a directory where the JSON should go: its put fails
