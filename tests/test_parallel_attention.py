@@ -12,14 +12,14 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
+from gloo_ranks import spawn
 from pipeline.attention import METHODS, build_method
 from pipeline.attention.base import AttentionMeta, Routing, StateSlot
 from pipeline.config import AttentionConfig
 from pipeline.layout import VideoLayout
-from pipeline.parallel.groups import ParallelContext, Rendezvous, close_group, free_port, init_group
+from pipeline.parallel.groups import ParallelContext, Rendezvous
 from pipeline.parallel.shard import ShardPlan, gather, plan_for, shard
 from pipeline.parallel.ring import RingAttention
 from pipeline.parallel.state import StateParallelAttention
@@ -30,23 +30,6 @@ TOL = 1e-5
 # 5 frames of 3x3 tokens, two shots, two blocks: N = 45 does not divide by 2 or 4 (pad on the last
 # ranks); cut on frames over 4 ranks, the last rank holds only pad.
 LAYOUT = VideoLayout(frames=5, height=3, width=3, shot_frames=(2, 3), block_frames=(2, 3))
-
-
-def spawn(world: int, fn, *args) -> None:
-    """Run fn(ctx, *args) on `world` gloo ranks in fresh processes; a failing rank fails the test."""
-    mp.spawn(_rank_main, args=(world, free_port("127.0.0.1"), fn, args), nprocs=world, join=True)
-
-
-def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
-    torch.set_num_threads(1)
-    ctx = init_group(Rendezvous("127.0.0.1", port, rank, world, "gloo", timeout_s=60))
-    try:
-        fn(ctx, *args)
-        # Leave together: a rank tearing gloo down while its peer is still in a collective can make
-        # the peer's transport thread abort the process (seen once under load: SIGABRT at exit).
-        torch.distributed.barrier()
-    finally:
-        close_group(ctx)
 
 
 def method(name: str, **section):

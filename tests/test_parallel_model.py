@@ -10,14 +10,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
+from gloo_ranks import run_rank, spawn
 from pipeline.attention import METHODS, AttentionMeta
 from pipeline.config import load_config
 from pipeline.layout import VideoLayout
 from pipeline.parallel import parallelize
-from pipeline.parallel.groups import ParallelContext, Rendezvous, close_group, free_port, init_group
+from pipeline.parallel.groups import ParallelContext, free_port
 
 TOL = 1e-5
 B, S, L = 2, 2, 4  # batch rows (CFG's uncond and cond), shots (text rows), text tokens per shot
@@ -34,22 +34,6 @@ WAN_METHODS = {
     "lite": {"lite": {"base": "dense", "full_steps": 1, "threshold": -2.0, "tile": [4, 4]}},
     "linear": {"linear": {"causal": True}},
 }
-
-
-def spawn(world: int, fn, *args) -> None:
-    mp.spawn(_rank_main, args=(world, free_port("127.0.0.1"), fn, args), nprocs=world, join=True)
-
-
-def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
-    torch.set_num_threads(1)
-    ctx = init_group(Rendezvous("127.0.0.1", port, rank, world, "gloo", timeout_s=60))
-    try:
-        fn(ctx, *args)
-        # Leave together: a rank tearing gloo down while its peer is still in a collective can make
-        # the peer's transport thread abort the process (seen once under load: SIGABRT at exit).
-        torch.distributed.barrier()
-    finally:
-        close_group(ctx)
 
 
 def family_config(family: str):
@@ -155,14 +139,17 @@ class RankActor:
     """One rank as a Ray actor: joins the gloo group and runs a check, like a WorkerGroup's worker."""
 
     def run(self, rank: int, world: int, port: int, fn) -> None:
-        _rank_main(rank, world, port, fn, ())
+        run_rank(rank, world, port, fn, ())
 
 
 def test_sharded_forward_equals_one_process_in_ray_actors(ray_cluster):
     import sys
 
+    import gloo_ranks
+
     ray = ray_cluster
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable in workers
+    for module in (sys.modules[__name__], gloo_ranks):  # tests/ is not importable in workers
+        ray.cloudpickle.register_pickle_by_value(module)
     actors = [ray.remote(RankActor).options(num_cpus=0.5).remote() for _ in range(2)]
     try:
         port = free_port("127.0.0.1")
