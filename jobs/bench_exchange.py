@@ -138,13 +138,15 @@ def main(argv=None) -> int:
     if ctx.world < 2:
         raise SystemExit("bench_exchange: run it under torchrun with --nproc-per-node >= 2")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = TINY if args.tiny else {"heads": WAN_1_3B["num_attention_heads"], "head_dim": WAN_1_3B["attention_head_dim"]}
+    shape = TINY if args.tiny else {"heads": WAN_1_3B["num_attention_heads"],
+                                    "head_dim": WAN_1_3B["attention_head_dim"]}
     grids = GRIDS["tiny" if args.tiny else "full"]
     context = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if device.type == "cuda" else contextlib.nullcontext()
     rows = []
     with context:
         for name, (f, h, w) in grids.items():
-            rows.append({"size": name, **measure(ctx, device, dtype, f * h * w, shape["heads"], shape["head_dim"], args)})
+            row = measure(ctx, device, dtype, f * h * w, shape["heads"], shape["head_dim"], args)
+            rows.append({"size": name, **row})
     if ctx.rank == 0:
         report(rows, Path(args.out), {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                       "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda"

@@ -65,7 +65,7 @@ def parse(argv=None):
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' Ulysses CP (the peer)")
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--profile", action="store_true",
-                   help="after each of our rows, one more forward under torch.profiler: rank 0's kernels")
+                   help="after each of our rows, one more forward under torch.profiler: every rank's kernels")
     return p.parse_args(argv)
 
 
@@ -181,6 +181,24 @@ def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch
     return float(out[0])
 
 
+def profile_ranks(run, title: str, ranks: int, ctx: ParallelContext, device: torch.device, out: Path, say) -> None:
+    """One more forward under torch.profiler on each of the `ranks` ranks that ran it: every rank's
+    tables go to out/profile.txt, their summary lines to the console (rank 0 writes; ranks meet here)."""
+    table = kernel_profile(run, device, top=20, gaps_top=8)
+    tables = [table]
+    if ranks > 1:
+        tables = [None] * ranks
+        dist.all_gather_object(tables, table, group=ctx.group)
+    if ctx.rank != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "profile.txt", "a") as f:
+        f.writelines(f"{title}: kernels of one forward, rank {r}\n{text}\n\n" for r, text in enumerate(tables))
+    for r, text in enumerate(tables):
+        summary = [x for x in text.splitlines() if x.lstrip().startswith(("kernels ", "compute stream"))]
+        say(f"    rank {r}:\n" + "\n".join(summary or [f"    operators of one forward: {out / 'profile.txt'}"]))
+
+
 def relative_error(got: torch.Tensor | None, want: torch.Tensor | None) -> float | None:
     """max |got - want| / max |want|: the sharded prediction against rank 0's one-GPU prediction."""
     if got is None or want is None:
@@ -251,14 +269,8 @@ def main(argv=None) -> int:
                 say(f"  {name:<24} {size:>6} P={p}: {sec:.3f} s/step, {gib:.2f} GiB"
                     + (f", all-to-alls alone {a2a:.2f} ms/layer" if a2a is not None else ""))
                 if args.profile and ctx.rank < p:
-                    table = kernel_profile(lambda: model(latents, t, text, layout, AttentionMeta(layout), states),
-                                           device, top=20, gaps_top=8)
-                    if ctx.rank == 0:
-                        Path(args.out).mkdir(parents=True, exist_ok=True)
-                        with open(Path(args.out) / "profile.txt", "a") as f:
-                            f.write(f"{name} {size} P={p}: kernels of one forward, rank 0\n{table}\n\n")
-                        summary = [x for x in table.splitlines() if x.lstrip().startswith(("kernels ", "compute stream"))]
-                        say("\n".join(summary or [f"    operators of one forward: {Path(args.out) / 'profile.txt'}"]))
+                    profile_ranks(lambda: model(latents, t, text, layout, AttentionMeta(layout), states),
+                                  f"{name} {size} P={p}", p, ctx, device, Path(args.out), say)
     if world > 1 and not args.no_diffusers:
         rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say, one_gpu)
     if ctx.rank == 0:

@@ -5,7 +5,7 @@ overlap the compute stream, and time with no kernel at all is time the GPU waite
 gaps() walks the compute stream (the stream with the most kernel time outside NCCL) and sums its
 idle gaps, split into "a collective was running" (waiting for an exchange) and "nothing ran"
 (waiting for the host: launches, a host sync), each attributed to the operator that launched the
-kernel ending the gap.
+kernel ending the gap; the waits are also charged to the collective kernels that covered them.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def gaps(events, top: int) -> list[str]:
             per_stream[e.device_resource_id] += e.time_range.end - e.time_range.start
     compute = max(per_stream, key=per_stream.get)
     stream = sorted((e for e in kernels if e.device_resource_id == compute), key=lambda e: e.time_range.start)
-    comm = _union([(e.time_range.start, e.time_range.end) for e in kernels if is_comm(e)])
+    comm_kernels = [e for e in kernels if is_comm(e)]
+    comm = _union([(e.time_range.start, e.time_range.end) for e in comm_kernels])
     # the operator that launched a kernel: its runtime call (same correlation id) and that call's parent
     # (torch < 2.13 has no linked_correlation_id: the kernel's name alone then)
     launcher: dict[int, str] = {}
@@ -87,6 +88,7 @@ def gaps(events, top: int) -> list[str]:
         if e.device_type.name == "CPU" and e.name.startswith("cuda") and e.cpu_parent is not None:
             launcher[getattr(e, "linked_correlation_id", None) or e.id] = e.cpu_parent.name
     waiting, host = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
+    under = defaultdict(lambda: [0, 0.0])  # collective kernel name -> gaps it covered, us of them
     for before, after in zip(stream, stream[1:]):
         start, end = before.time_range.end, after.time_range.start
         if end - start < MIN_GAP_US:
@@ -94,6 +96,11 @@ def gaps(events, top: int) -> list[str]:
         op = launcher.get(getattr(after, "linked_correlation_id", None), "?")
         key = f"{op} -> {after.name[:60]}"
         on_comm = _overlap(start, end, comm)
+        for e in comm_kernels:  # which collective the stream waited for: the kernel names say (all-to-all, all-gather)
+            us = _overlap(start, end, [(e.time_range.start, e.time_range.end)])
+            if us > 0:
+                under[e.name[:60]][0] += 1
+                under[e.name[:60]][1] += us
         for table, us in ((waiting, on_comm), (host, end - start - on_comm)):
             if us > 0:
                 table[key][0] += 1
@@ -103,6 +110,10 @@ def gaps(events, top: int) -> list[str]:
     lines = [f"    compute stream {compute}: {run / 1e3:.3f} ms of kernels in a {span / 1e3:.3f} ms span; idle gaps "
              f">= {MIN_GAP_US:.0f} us: {sum(v[1] for v in waiting.values()) / 1e3:.3f} ms while a collective ran, "
              f"{sum(v[1] for v in host.values()) / 1e3:.3f} ms with nothing running (the host)"]
+    if under:
+        lines.append("    collective kernels under those gaps: count, ms")
+        ranked = sorted(under.items(), key=lambda kv: -kv[1][1])
+        lines += [f"      {name:<110} {n:5d} {us / 1e3:8.3f}" for name, (n, us) in ranked]
     for title, table in (("while a collective ran", waiting), ("with nothing running", host)):
         ranked = sorted(table.items(), key=lambda kv: -kv[1][1])[:top]
         if ranked:

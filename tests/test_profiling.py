@@ -32,6 +32,8 @@ def test_gaps_split_between_collective_and_host():
     host_part = text.split("gaps with nothing running")[1]
     assert "aten::mm -> gemm" in host_part and "1.000" in host_part
     assert "aten::index" not in text
+    waits = text.split("collective kernels under those gaps")[1].split("gaps while")[0]
+    assert "ncclDevKernel_SendRecv" in waits and "0.200" in waits
 
 
 def test_no_kernels_no_lines():
