@@ -200,10 +200,41 @@ def check_one_video(ctx: ParallelContext) -> None:
         assert_close(gather(got, plan, ctx), want, f"{name} B=1 P={ctx.world} chunks={chunks}")
 
 
+def check_prepare_first(ctx: ParallelContext) -> None:
+    """The processor's order for routed methods: prepare(meta) before q, k, v exist (routing gathered,
+    the method's sort launched), then forward: the same output, one routing all-gather in all."""
+    import pipeline.parallel.ulysses as ulysses
+
+    plan = plan_for(LAYOUT, ctx.world, by_frames=False)
+    g = torch.Generator().manual_seed(5)
+    groups = torch.randint(0, 3, (B, LAYOUT.num_tokens), generator=g)
+    gate = torch.rand(B, LAYOUT.num_tokens, generator=g)
+    q, k, v = (shard(t, plan, ctx.rank) for t in qkv(LAYOUT.num_tokens, seed=21))
+    real, calls = ulysses.gather_routing, []
+    ulysses.gather_routing = lambda *a: calls.append(1) or real(*a)
+    try:
+        for name, section in [("moga", dict(moga={"num_groups": 3})),
+                              ("moga+stga", dict(moga={"num_groups": 3}, stga={"window": [2, 2, 2]}))]:
+            outputs = []
+            for prepare_first in (False, True):
+                calls.clear()
+                local = Routing(shard(groups, plan, ctx.rank), shard(gate, plan, ctx.rank), 3)
+                meta = AttentionMeta(LAYOUT, routing=local)
+                wrapper = UlyssesAttention(method(name, **section), ctx)
+                if prepare_first:
+                    wrapper.prepare(meta)
+                outputs.append(wrapper(q, k, v, meta))
+                assert len(calls) == 1, (name, prepare_first, len(calls))
+            assert torch.equal(outputs[0], outputs[1]), name
+    finally:
+        ulysses.gather_routing = real
+
+
 def all_checks(ctx: ParallelContext) -> None:
     check_ulysses_methods(ctx)
     check_one_video(ctx)
     check_routing_gather(ctx)
+    check_prepare_first(ctx)
     check_rolling_cache(ctx)
     check_linear_state(ctx, by_frames=False)
     check_linear_state(ctx, by_frames=True)

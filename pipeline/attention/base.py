@@ -91,9 +91,10 @@ class AttentionMethod:
         raise NotImplementedError
 
     def prepare(self, meta: AttentionMeta) -> None:
-        """Work that needs meta alone, done before q, k, v exist. Context-parallel wrappers call it with
-        the whole sequence's meta while the q, k, v exchange is in flight, so that what it waits for
-        (MoGA: the group counts on the host) is hidden behind the exchange. Default: nothing."""
+        """Launch work that needs meta alone, before q, k, v exist (the self-attention processor calls
+        it before the projections; context-parallel wrappers with the whole sequence's meta). It must
+        not wait for the GPU: what forward will wait for (MoGA: the group counts on the host) then
+        runs ahead of the projections. Results are cached on meta.routing.plans. Default: nothing."""
 
     def flops(self, meta: AttentionMeta, shape: tuple[int, int, int, int]) -> float:
         """FLOPs of the forward just made with `meta` on q of `shape` (B, N, H, D).

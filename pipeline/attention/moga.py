@@ -172,7 +172,7 @@ class MoGAAttention(AttentionMethod):
 
     def prepare(self, meta: AttentionMeta) -> None:
         if meta.routing is not None:
-            self.permutation(meta.routing).counts  # the host sync, while the caller's exchange runs
+            self.permutation(meta.routing)  # the sort, and its counts' copy to the host, launched
 
     @staticmethod
     def permutation(routing: Routing) -> Permutation:

@@ -91,7 +91,7 @@ class MogaStgaAttention(AttentionMethod):
     def prepare(self, meta: AttentionMeta) -> None:
         if meta.routing is not None:
             device = meta.routing.groups.device
-            self.permutation(meta.routing, self.windows(meta.layout, device)).counts  # the host sync
+            self.permutation(meta.routing, self.windows(meta.layout, device))  # launched, not waited for
 
     @staticmethod
     def permutation(routing: Routing, windows: StgaWindows) -> Permutation:

@@ -58,14 +58,20 @@ class SelfAttentionProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         adapter, layer = self.adapter, self.layer
         ctx = adapter.context
+        fn = adapter.attention[layer]
+        meta = ctx.meta.for_layer(layer, ctx.states[layer])
+        if fn.needs_routing:
+            # Routed and planned before the projections are launched: the plan's host-side counts (MoGA's
+            # one host sync) are then ready by the time the method reads them, and the host keeps its
+            # lead over the GPU instead of waiting at the end of an empty queue.
+            meta.routing = adapter.route(layer, hidden_states)
+            prepare = getattr(fn, "prepare", None)  # optional for method-like wrappers (carry.py)
+            if prepare is not None:
+                prepare(meta)
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (B, N, H*D)
         if attn.norm_q is not None:  # RMS norm across heads, before the split
             q, k = attn.norm_q(q), attn.norm_k(k)
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, N, H, D)
-        fn = adapter.attention[layer]
-        meta = ctx.meta.for_layer(layer, ctx.states[layer])
-        if fn.needs_routing:
-            meta.routing = adapter.route(layer, hidden_states)
         if fn.applies_rope:  # linear attention rotates after its feature map
             meta.rope = rotary_emb
         else:

@@ -152,9 +152,7 @@ class UlyssesAttention:
         chunks = self._chunks(h, meta)
         full = self._full_meta(meta, n_local)  # its small gathers go first on the communication stream
         incoming = [seq_to_heads((q, k, v), ctx, c, chunks) for c in range(chunks)]  # all in flight at once
-        prepare = getattr(self.method, "prepare", None)  # optional for method-like wrappers (carry.py)
-        if prepare is not None:
-            prepare(full)  # e.g. MoGA's sort and host sync, under the exchange
+        self._prepare_method(full)  # done already when the caller ran prepare(meta); else under the exchange
         outgoing, stats = [], []
         for c, exchange in enumerate(incoming):
             qkv = [t[:, :num_tokens] for t in exchange.result()]  # q, k, v (B, N, H/P/chunks, D)
@@ -177,6 +175,17 @@ class UlyssesAttention:
             merge_stats(meta.stats, stats)
         return merge_heads([exchange.result() for exchange in outgoing])  # (B, L, H, D)
 
+    def prepare(self, meta: AttentionMeta) -> None:
+        """Before q, k, v exist (meta with this rank's routing): the routing's all-gather and the method's
+        prepare on the whole sequence, launched now; forward finds both cached on meta.routing."""
+        if meta.routing is not None:
+            self._prepare_method(self._full_meta(meta, meta.routing.groups.shape[1]))
+
+    def _prepare_method(self, full: AttentionMeta) -> None:
+        prepare = getattr(self.method, "prepare", None)  # optional for method-like wrappers (carry.py)
+        if prepare is not None:
+            prepare(full)
+
     def _chunks(self, heads: int, meta: AttentionMeta) -> int:
         """Head sub-groups for this call: self.chunks where they divide this rank's heads and the call
         neither reads nor writes state (a stateful method: an empty slot, no commit, and it has not
@@ -196,7 +205,8 @@ class UlyssesAttention:
             if meta.routing.groups.shape[1] != n_local:
                 raise ValueError(f"ulysses: meta.routing holds {meta.routing.groups.shape[1]} tokens, expected "
                                  f"this rank's {n_local} (route before the all-to-all, on local tokens)")
-            changes["routing"] = gather_routing(meta.routing, self.ctx, num_tokens)
+            routing = meta.routing  # gathered once per layer call, by prepare() or here
+            changes["routing"] = routing.plan("ulysses", lambda: gather_routing(routing, self.ctx, num_tokens))
         if meta.rope is not None and self.method.applies_rope and meta.rope[0].shape[1] == n_local:
             cos_sin = all_gather_seq(torch.stack(meta.rope), self.ctx, dim=2)[:, :, :num_tokens]  # (2, 1, N, 1, D)
             changes["rope"] = (cos_sin[0], cos_sin[1])
