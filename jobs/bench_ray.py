@@ -19,6 +19,7 @@ import json
 import sys
 import time
 
+from pipeline.cli import parse_with_overrides
 from pipeline.config import ConfigError
 from pipeline.manifest import load_manifest
 from pipeline.runtime.progress import ProgressDisplay
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("manifest")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--config", default=None)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     run_id = time.strftime("bench-%Y%m%d-%H%M%S")
     try:
         manifest = load_manifest(args.manifest, args.config, args.overrides)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cli import parse_with_overrides
+
 METHODS = (  # (row, model preset, attention overrides)
     ("dense", "tiny-trained", ["attention=dense"]),
     ("moga+stga", "tiny-trained-moga", ["attention=moga+stga"]),
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=None, help="directory holding tiny-trained/ and tiny-trained-moga/ "
                                                         "(default: the package's pipeline/models/weights)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every method, e.g. sampling.steps=10")
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
 
     from pipeline.config import ConfigError, load_config
 

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.cli import parse_with_overrides
 from pipeline.config import ConfigError
 from pipeline.manifest import load_manifest
 from pipeline.runtime.progress import Progress, ProgressDisplay, finished
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="base config (default configs/examples/demo.yaml)")
     parser.add_argument("--results", default=None, help="results manifest key in the storage "
                                                         "(default MANIFEST-STEM.results.jsonl)")
-    return parser.parse_args(argv)
+    return parse_with_overrides(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,18 @@ import sys
 from pipeline.config import ConfigError
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args, with key=value overrides taken wherever they stand: argparse gives a trailing
+    positional list only what comes before the first option, so `MANIFEST --config F key=value` would
+    refuse key=value. The parser (or its chosen subparser) must have an `overrides` list."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = [x for x in rest if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
@@ -53,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--address", default=None, help="Ray dashboard address, e.g. http://head:8265")
     s.add_argument("--no-wait", action="store_true", help="return once submitted")
     s.set_defaults(run=_submit)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     if getattr(args, "config", None) and "=" in args.config:  # `longreel generate key=value`: no config given
         args.overrides, args.config = [args.config, *args.overrides], None
     try:

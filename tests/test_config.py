@@ -93,3 +93,26 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "video.fps" in lines[0] and "abc" in lines[0], r.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_overrides_may_follow_options(capsys):
+    """key=value overrides wherever they stand on the command line (argparse alone refuses those after
+    an option); anything else unknown is still refused, naming it."""
+    import argparse
+
+    from pipeline.cli import main, parse_with_overrides
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("manifest")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--config")
+    args = parse_with_overrides(parser, ["m.jsonl", "a.b=1", "--config", "c.yaml", "video.fps=8"])
+    assert (args.manifest, args.config, args.overrides) == ("m.jsonl", "c.yaml", ["a.b=1", "video.fps=8"])
+    for bad in (["m.jsonl", "--config", "c.yaml", "--bogus"], ["m.jsonl", "--config", "c.yaml", "stray"]):
+        with pytest.raises(SystemExit):
+            parse_with_overrides(parser, bad)
+        assert "unrecognized arguments: " + bad[-1] in capsys.readouterr().err
+    # through a subcommand: the override after -q reaches the config and fails there, naming key and value
+    assert main(["generate", str(DEMO), "-q", "video.fps=abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "video.fps" in err[0] and "abc" in err[0]
