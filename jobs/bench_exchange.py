@@ -30,12 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from jobs.bench_parallel import GRIDS, WAN_1_3B, join
+from jobs.bench_parallel import GRIDS, TINY_WAN, WAN_1_3B, join
 from pipeline.parallel.shard import ShardPlan
 from pipeline.parallel.ulysses import heads_to_seq, seq_to_heads
-
-TINY = {"heads": 4, "head_dim": 16}
-
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.bench_exchange", description=__doc__,
@@ -138,8 +135,8 @@ def main(argv=None) -> int:
     if ctx.world < 2:
         raise SystemExit("bench_exchange: run it under torchrun with --nproc-per-node >= 2")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = TINY if args.tiny else {"heads": WAN_1_3B["num_attention_heads"],
-                                    "head_dim": WAN_1_3B["attention_head_dim"]}
+    arch = TINY_WAN if args.tiny else WAN_1_3B  # bench_parallel's models: the same attention shapes
+    shape = {"heads": arch["num_attention_heads"], "head_dim": arch["attention_head_dim"]}
     grids = GRIDS["tiny" if args.tiny else "full"]
     context = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if device.type == "cuda" else contextlib.nullcontext()
     rows = []

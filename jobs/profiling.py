@@ -97,7 +97,7 @@ def gaps(events, top: int) -> list[str]:
         key = f"{op} -> {after.name[:60]}"
         on_comm = _overlap(start, end, comm)
         for e in comm_kernels:  # which collective the stream waited for: the kernel names say (all-to-all, all-gather)
-            us = _overlap(start, end, [(e.time_range.start, e.time_range.end)])
+            us = min(end, e.time_range.end) - max(start, e.time_range.start)
             if us > 0:
                 under[e.name[:60]][0] += 1
                 under[e.name[:60]][1] += us
