@@ -73,6 +73,24 @@ def test_stga_equals_reference_with_independent_mask(layout, window, cross_shots
     assert torch.equal(method.mask(layout).token_mask(), mask)
 
 
+def test_window_permutation_is_built_once_per_batch_with_the_counts_of_a_bincount():
+    layout, window = VideoLayout(5, 5, 7), (2, 2, 3)  # unequal windows: the permutation path
+    windows = window_ids(layout, window)
+    for batch in (1, 2):
+        perm = windows.permutation(batch, "cpu")
+        assert windows.permutation(batch, "cpu") is perm  # every layer and step reuse it
+        segment = (torch.arange(batch)[:, None] * windows.count + windows.token_window).flatten()
+        assert perm.counts == torch.bincount(segment, minlength=batch * windows.count).tolist()
+        assert torch.equal(segment[perm.order], segment.sort(stable=True).values)
+        assert torch.equal(perm.order[perm.inverse], torch.arange(segment.numel()))
+    method = build_method(config(window=window))  # batch 1 after batch 2 on the same windows: still exact
+    mask = stga_rule_mask(layout, window, False)
+    for batch in (2, 1):
+        q, k, v = (torch.randn(batch, layout.num_tokens, H, D) for _ in range(3))
+        torch.testing.assert_close(method(q, k, v, AttentionMeta(layout=layout)), reference_attention(q, k, v, mask),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_stga_backward_matches_reference():
     layout, window = VideoLayout(3, 3, 5), (2, 2, 2)
     method = build_method(config(window=window))

@@ -102,12 +102,16 @@ class Permutation:
     and waited for on first use: a caller that launches its gathers first (MoGA does) keeps the GPU
     busy while the host waits, instead of the GPU idling while the host launches them."""
 
-    def __init__(self, order: torch.Tensor, inverse: torch.Tensor, count_t: torch.Tensor):
+    def __init__(self, order: torch.Tensor, inverse: torch.Tensor, count_t: torch.Tensor,
+                 counts: list[int] | None = None):
+        """counts: the host's copy of count_t when the caller knows it (no copy back, no sync)."""
         self.order, self.inverse = order, inverse
         self.cu_seqlens = cu_seqlens_from_counts(count_t)
-        self._counts: list[int] | None = None
+        self._counts: list[int] | None = counts
         self._ready: torch.cuda.Event | None = None
-        if count_t.is_cuda:
+        if counts is not None:
+            self._host = None
+        elif count_t.is_cuda:
             self._host = torch.empty(count_t.shape, dtype=count_t.dtype, pin_memory=True)
             self._host.copy_(count_t, non_blocking=True)
             self._ready = torch.cuda.Event()
@@ -116,11 +120,17 @@ class Permutation:
             self._host = count_t
 
     @classmethod
-    def by_segment(cls, segment: torch.Tensor, num_segments: int) -> "Permutation":
-        """segment (B * N,) int64 in [0, num_segments): stable sort (sequence order inside a segment)."""
+    def by_segment(cls, segment: torch.Tensor, num_segments: int, counts: list[int] | None = None) -> "Permutation":
+        """segment (B * N,) int64 in [0, num_segments): stable sort (sequence order inside a segment).
+        counts: the tokens per segment when the host knows them already (STGA's windows)."""
         order = torch.argsort(segment, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
+        if counts is not None:
+            if len(counts) != num_segments or sum(counts) != segment.numel():
+                raise ValueError(f"Permutation: {len(counts)} counts summing to {sum(counts)} for {num_segments} "
+                                 f"segments of {segment.numel()} tokens")
+            return cls(order, inverse, torch.tensor(counts, dtype=torch.int64).to(segment.device), list(counts))
         return cls(order, inverse, segment_counts(segment, num_segments))
 
     @property

@@ -24,7 +24,7 @@ and moga+stga reuse it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,19 @@ class StgaWindows:
     # The batched fast path's grid when every window has the same size and there is no text:
     # (windows along t, y, x) and (window size along t, y, x); None otherwise.
     grid: tuple[tuple[int, int, int], tuple[int, int, int]] | None
+    # permutation() memo: (batch, device) -> Permutation; not part of the windows' identity
+    _permutations: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def permutation(self, batch: int, device: torch.device | str) -> Permutation:
+        """Tokens sorted by (batch row, window), for the path of unequal windows. The windows depend on
+        the layout alone, so it is built once per batch size and device (every layer and step reuse it)
+        with its counts from `sizes`: no sort per call and no host sync."""
+        key = (batch, str(torch.device(device)))
+        if key not in self._permutations:
+            window = self.token_window.to(device)
+            segment = (torch.arange(batch, device=device)[:, None] * self.count + window).flatten()
+            self._permutations[key] = Permutation.by_segment(segment, batch * self.count, list(self.sizes) * batch)
+        return self._permutations[key]
 
     def pairs(self, batch: int, heads: int, text_rule: bool = True) -> float:
         """(query, key) pairs inside windows; text_rule: plus video rows x text keys (STGA's rule)."""
@@ -141,8 +154,7 @@ def window_attention(backend, q, k, v, windows: StgaWindows, return_lse: bool = 
         o, lse = out if return_lse else (out, None)
         o = from_windows(o, windows.grid, b)
         return (o, lse_from_windows(lse, windows.grid, b)) if return_lse else o
-    segment = (torch.arange(b, device=q.device)[:, None] * windows.count + windows.token_window).flatten()
-    perm = Permutation.by_segment(segment, b * windows.count)
+    perm = windows.permutation(b, q.device)
     out = backend.segments(perm.gather(q), perm.gather(k), perm.gather(v), perm.cu_seqlens, return_lse, perm.counts)
     o, lse = out if return_lse else (out, None)
     o = perm.scatter(o, q.shape)
