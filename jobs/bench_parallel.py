@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -62,10 +63,14 @@ def parse(argv=None):
     p.add_argument("--chunks", default="0",
                    help="Ulysses head sub-groups per rank whose all-to-alls overlap attention (0: the default, 1); "
                         "a comma-separated list times P=world once per value")
+    p.add_argument("--staged", default="",
+                   help="Ulysses q, k, v in three exchanges (1) or one (0); a comma-separated list times P=world once "
+                        "per value (default: the library's default)")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' Ulysses CP (the peer)")
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--profile", action="store_true",
                    help="after each of our rows, one more forward under torch.profiler: every rank's kernels")
+    p.add_argument("--trace", action="store_true", help="with --profile: every rank's Chrome trace too, in --out")
     return p.parse_args(argv)
 
 
@@ -134,34 +139,36 @@ class Timer:
         return float(out[0]), float(out[1]), None if result is None else result.float().cpu()
 
 
-def with_chunks(model, chunks: int):
-    """The parallel model with `chunks` head sub-groups in every Ulysses wrapper (parallelize wraps an
-    adapter once; later calls keep its wrappers, so a second chunk count is set on them here)."""
-    from pipeline.parallel.dit import DEFAULT_CHUNKS
+def with_chunks(model, chunks: int, staged: bool | None = None):
+    """The parallel model with `chunks` head sub-groups (and `staged` exchanges) in every Ulysses wrapper
+    (parallelize wraps an adapter once; later calls keep its wrappers, so a second setting is made here)."""
+    from pipeline.parallel.dit import DEFAULT_CHUNKS, DEFAULT_STAGED
     from pipeline.parallel.ulysses import UlyssesAttention
 
     for fn in model.adapter.attention:
         if isinstance(fn, UlyssesAttention):
             fn.chunks = chunks or DEFAULT_CHUNKS
+            fn.staged = DEFAULT_STAGED if staged is None else staged
     return model
 
 
 def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch.device, dtype, chunks: int,
-                repeats: int = 5) -> float:
+                staged: bool | None = None, repeats: int = 5) -> float:
     """Milliseconds of one layer's Ulysses exchanges with nothing else running: q, k, v in and the output
     back, in the sub-groups the wrapper uses (seq_to_heads / heads_to_seq), the slowest rank counting.
     What overlap can hide at most; the step's time over P=1's ideal share shows how much stayed exposed."""
-    from pipeline.parallel.dit import DEFAULT_CHUNKS
+    from pipeline.parallel.dit import DEFAULT_CHUNKS, DEFAULT_STAGED
     from pipeline.parallel.shard import ShardPlan
     from pipeline.parallel.ulysses import heads_to_seq, seq_to_heads
 
     chunks = chunks or DEFAULT_CHUNKS
+    staged = DEFAULT_STAGED if staged is None else staged
     heads, dim = arch["num_attention_heads"], arch["attention_head_dim"]
     local = ShardPlan(num_tokens, ctx.world).local_len
     q, k, v = (torch.randn(1, local, heads, dim, device=device, dtype=dtype) for _ in range(3))
 
     def layer():
-        incoming = [seq_to_heads((q, k, v), ctx, c, chunks) for c in range(chunks)]
+        incoming = [seq_to_heads((q, k, v), ctx, c, chunks, staged=staged) for c in range(chunks)]
         outgoing = [heads_to_seq(e.result()[0], ctx, local) for e in incoming]
         return [e.result() for e in outgoing]
 
@@ -181,10 +188,16 @@ def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch
     return float(out[0])
 
 
-def profile_ranks(run, title: str, ranks: int, ctx: ParallelContext, device: torch.device, out: Path, say) -> None:
+def profile_ranks(run, title: str, ranks: int, ctx: ParallelContext, device: torch.device, out: Path, say,
+                  trace: bool = False) -> None:
     """One more forward under torch.profiler on each of the `ranks` ranks that ran it: every rank's
-    tables go to out/profile.txt, their summary lines to the console (rank 0 writes; ranks meet here)."""
-    table = kernel_profile(run, device, top=20, gaps_top=8)
+    tables go to out/profile.txt, their summary lines to the console (rank 0 writes; ranks meet here);
+    with `trace`, each rank's Chrome trace to out/trace_<title>_rank<r>.json."""
+    path = None
+    if trace:
+        out.mkdir(parents=True, exist_ok=True)
+        path = str(out / f"trace_{re.sub(r'[^A-Za-z0-9]+', '_', title).strip('_')}_rank{ctx.rank}.json")
+    table = kernel_profile(run, device, top=60, gaps_top=12, trace=path)
     tables = [table]
     if ranks > 1:
         tables = [None] * ranks
@@ -251,10 +264,13 @@ def main(argv=None) -> int:
             continue
         adapter = WanAdapter(transformer, attention_cfg(method))  # sets its processors on the shared weights
         chunk_counts = [int(c) for c in args.chunks.split(",")]
-        runs = [(1, ParallelContext.single(device), 0)] + [(world, ctx, c) for c in chunk_counts if world > 1]
-        for p, group, chunks in runs:
-            model = with_chunks(parallelize(adapter, group), chunks) if p > 1 else adapter
-            name = f"ours {method}" + (f" chunks={chunks}" if p > 1 and len(chunk_counts) > 1 else "")
+        stagings = [bool(int(x)) for x in args.staged.split(",")] if args.staged else [None]
+        runs = [(1, ParallelContext.single(device), 0, None)] + [
+            (world, ctx, c, st) for c in chunk_counts for st in stagings if world > 1]
+        for p, group, chunks, staged in runs:
+            model = with_chunks(parallelize(adapter, group), chunks, staged) if p > 1 else adapter
+            name = (f"ours {method}" + (f" chunks={chunks}" if p > 1 and len(chunk_counts) > 1 else "")
+                    + (f" staged={int(staged)}" if p > 1 and len(stagings) > 1 else ""))
             for i, size in enumerate(sizes):
                 latents, t, text, layout = inputs(grids[size], arch, device, dtype)
                 states = adapter.new_states()
@@ -262,7 +278,7 @@ def main(argv=None) -> int:
                                        warm=i == 0, ranks=p)
                 if p == 1:
                     one_gpu[(method, size)] = pred
-                a2a = exchange_ms(group, layout.num_tokens, arch, device, dtype, chunks) if p > 1 else None
+                a2a = exchange_ms(group, layout.num_tokens, arch, device, dtype, chunks, staged) if p > 1 else None
                 rows.append(dict(config=name, method=method, size=size, tokens=layout.num_tokens, P=p, s_per_step=sec,
                                  peak_gib=gib, a2a_ms_per_layer=a2a,
                                  rel_err_vs_p1=relative_error(pred, one_gpu.get((method, size)))))
@@ -270,7 +286,7 @@ def main(argv=None) -> int:
                     + (f", all-to-alls alone {a2a:.2f} ms/layer" if a2a is not None else ""))
                 if args.profile and ctx.rank < p:
                     profile_ranks(lambda: model(latents, t, text, layout, AttentionMeta(layout), states),
-                                  f"{name} {size} P={p}", p, ctx, device, Path(args.out), say)
+                                  f"{name} {size} P={p}", p, ctx, device, Path(args.out), say, args.trace)
     if world > 1 and not args.no_diffusers:
         rows += diffusers_ulysses(transformer, ctx, timer, args, arch, grids, sizes, device, dtype, say, one_gpu)
     if ctx.rank == 0:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from gloo_ranks import spawn
 from pipeline.attention import METHODS, build_method
 from pipeline.attention.base import AttentionMeta, Routing, StateSlot
+from pipeline.attention.rope import apply_rope
 from pipeline.config import AttentionConfig
 from pipeline.layout import VideoLayout
 from pipeline.parallel.groups import ParallelContext, Rendezvous
@@ -56,7 +57,8 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 # --- per-rank checks (run inside spawned ranks) ------------------------------------------------------
 def check_ulysses_methods(ctx: ParallelContext) -> None:
     """Every softmax method (and linear, with all-gathered rope) under Ulysses, with one exchange per
-    rank's heads and with two head sub-groups whose exchanges overlap attention; lite over 3 steps
+    rank's heads, with two head sub-groups whose exchanges overlap attention, and with q, k, v in three
+    exchanges (staged); lite over 3 steps
     with its skip state per rank; the ranks' pair counts add up to one rank's."""
     plan = plan_for(LAYOUT, ctx.world, by_frames=False)
     cases = {
@@ -73,15 +75,17 @@ def check_ulysses_methods(ctx: ParallelContext) -> None:
     g = torch.Generator().manual_seed(11)
     routing = Routing(torch.randint(0, 3, (B, LAYOUT.num_tokens), generator=g),
                       torch.rand(B, LAYOUT.num_tokens, generator=g), 3)
-    for (name, section), chunks in itertools.product(cases.items(), (1, 2)):
-        one, many = method(name, **section), UlyssesAttention(method(name, **section), ctx, chunks)
+    for (name, section), (chunks, staged) in itertools.product(cases.items(), ((1, False), (2, False), (1, True))):
+        one, many = method(name, **section), UlyssesAttention(method(name, **section), ctx, chunks, staged)
         slot_one, slot_many = StateSlot(), StateSlot()
         for step in range(3 if name == "lite" else 1):
-            what = f"{name} step {step} P={ctx.world} chunks={chunks}"
+            what = f"{name} step {step} P={ctx.world} chunks={chunks} staged={staged}"
             q, k, v = qkv(LAYOUT.num_tokens, seed=step)
             routed = routing if one.needs_routing else None
             meta = AttentionMeta(LAYOUT, step=step, rope=full_rope, state=slot_one, routing=routed)
-            want = one(q, k, v, meta)
+            assert many.applies_rope  # rotates q and k itself: while packing them, or in a method that rotates
+            rotated = (q, k) if one.applies_rope else (apply_rope(q, full_rope), apply_rope(k, full_rope))
+            want = one(*rotated, v, meta)
             local = replace(meta, rope=tuple(shard(t, plan, ctx.rank) for t in full_rope), state=slot_many, stats={},
                             routing=routed and Routing(shard(routed.groups, plan, ctx.rank),
                                                        shard(routed.gate, plan, ctx.rank), 3))

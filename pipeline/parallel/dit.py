@@ -40,15 +40,17 @@ _WRAPPERS = (UlyssesAttention, StateParallelAttention, RingAttention)
 # 1.448 s; NCCL's kernels slow the attention they run beside more than the hidden exchange saves).
 # Links slower than NVLink may gain from 2 (parallelize(..., chunks=2)).
 DEFAULT_CHUNKS = 1
+# q, k, v in three exchanges (UlyssesAttention staged): see DEFAULT_STAGED's measurement in docs/benchmarks.md.
+DEFAULT_STAGED = False
 # Per-token fields of Tokens and their sequence dim (the adapter declares them as Tokens.SEQUENCE_DIMS).
 SEQUENCE_DIMS: dict[str, int] = getattr(Tokens, "SEQUENCE_DIMS", {"hidden": 1, "rope": 1, "shot": 0})
 
 
 def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ring: bool = False,
-                       chunks: int = 1):
+                       chunks: int = 1, staged: bool = False):
     """`fn` (a registry method) wrapped for context parallelism: the state strategy for linear attention,
-    Ulysses when the heads divide over the ranks (`chunks`: see UlyssesAttention), else ring attention
-    for dense layers if `ring`."""
+    Ulysses when the heads divide over the ranks (`chunks`, `staged`: see UlyssesAttention), else ring
+    attention for dense layers if `ring`."""
     if ctx.world == 1 or isinstance(fn, _WRAPPERS):
         return fn
     if fn.cp_strategy == "state":
@@ -56,20 +58,23 @@ def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ri
     if heads % ctx.world and not shards_heads(fn, ring):
         return RingAttention(fn, ctx)
     check_heads(heads, ctx.world)
-    return UlyssesAttention(fn, ctx, chunks)
+    return UlyssesAttention(fn, ctx, chunks, staged)
 
 
 class ParallelDiT:
     """A DiTAdapter whose blocks run on this rank's shard of the sequence (see the module docstring)."""
 
-    def __init__(self, adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False, chunks: int | None = None):
+    def __init__(self, adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False, chunks: int | None = None,
+                 staged: bool | None = None):
         self.adapter, self.ctx = adapter, ctx
         chunks = chunks or DEFAULT_CHUNKS
+        staged = DEFAULT_STAGED if staged is None else staged
         self.by_frames = adapter.family == "sana"
         self.plan: ShardPlan | None = None  # the cut of the forward in progress (read by the halo convs)
         if ctx.world == 1:
             return
-        wrapped = [parallel_attention(fn, ctx, self.by_frames, adapter.heads, ring, chunks) for fn in adapter.attention]
+        wrapped = [parallel_attention(fn, ctx, self.by_frames, adapter.heads, ring, chunks, staged)
+                   for fn in adapter.attention]
         for layer, fn in enumerate(wrapped):
             adapter.set_attention(layer, fn)
         if getattr(adapter, "fit_router", None) is not None and not hasattr(adapter.fit_router, "whole_sequence"):
@@ -157,8 +162,9 @@ class ParallelDiT:
 
 
 def parallelize(adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False,
-                chunks: int | None = None) -> ParallelDiT:
+                chunks: int | None = None, staged: bool | None = None) -> ParallelDiT:
     """Apply context parallelism over `ctx` to `adapter` (see the module docstring). `ring`
     (parallel.ring): dense layers use ring attention when the ranks do not divide the heads.
-    `chunks`: head sub-groups per rank whose all-to-alls overlap attention (None: DEFAULT_CHUNKS)."""
-    return ParallelDiT(adapter, ctx, ring, chunks)
+    `chunks`: head sub-groups per rank whose all-to-alls overlap attention (None: DEFAULT_CHUNKS);
+    `staged`: q, k, v in three exchanges (None: DEFAULT_STAGED)."""
+    return ParallelDiT(adapter, ctx, ring, chunks, staged)

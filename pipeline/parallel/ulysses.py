@@ -4,11 +4,15 @@ Each rank holds a contiguous shard of L tokens (pad included, see shard.py) for 
 One all-to-all of the stacked q, k, v turns (B, L, H, D) into (B, P * L, H / P, D): the whole
 sequence for this rank's H / P heads. The pad is stripped, the method runs unchanged on the full
 layout (MoC chunks, STGA windows, lite's skip tiles all see every token for their heads), the
-output is re-padded and one all-to-all brings it back to (B, L, H, D).
+output is re-padded and one all-to-all brings it back to (B, L, H, D). q and k arrive unrotated with
+this rank's RoPE and are rotated as they are copied into the send buffer (one pass for both); a
+method that rotates by itself (after a feature map) gets the whole sequence's RoPE instead.
 
 Overlap (chunks > 1, calls that neither read nor write state): this rank's heads are split into sub-groups, each with
 its own pair of exchanges; all inputs are sent at once, and each sub-group's output is sent while
 the next one attends, so on GPU the all-to-alls run on NCCL's stream under the attention kernels.
+Staged (staged=True): q, k and v go in three exchanges, v's first: v's packing is a plain copy, so its
+exchange runs while k and q are rotated into their send buffers, and k's while q is.
 
 MoGA routing is per token and shared by all heads, so it is computed before the exchange on the
 local tokens (meta.routing holds (B, L) groups and gates) and all-gathered here (one float pair per
@@ -25,6 +29,7 @@ import torch.distributed as dist
 
 from pipeline.attention.backends.rows import last_dim_words
 from pipeline.attention.base import AttentionMeta, AttentionMethod, Routing, StateSlot
+from pipeline.attention.rope import apply_rope
 from pipeline.parallel.groups import ParallelContext
 from pipeline.parallel.shard import all_gather_seq, plan_of_shard
 
@@ -62,9 +67,36 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def seq_to_heads(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext, chunk: int = 0, chunks: int = 1) -> Exchange:
-    """One all-to-all for all `tensors`: each (B, L, H, D) token shard -> (B, P * L, H / P / chunks, D),
-    the whole sequence for sub-group `chunk` of this rank's H / P heads.
+def seq_to_heads(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext, chunk: int = 0, chunks: int = 1,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, staged: bool = False) -> "Exchange | Staged":
+    """All `tensors` exchanged: each (B, L, H, D) token shard -> (B, P * L, H / P / chunks, D), the whole
+    sequence for sub-group `chunk` of this rank's H / P heads; result() returns them in order.
+
+    One all-to-all for all of them, or with `staged` one per tensor, the last first: v's copy is quick,
+    so its exchange runs while k and q are rotated, k's while q is (see UlyssesAttention).
+    rope: the local tokens' (cos, sin) (1, L, 1, D): the first two tensors (q, k) are rotated as they
+    are packed, so RoPE costs no pass of its own."""
+    rotated = 2 if rope is not None else 0
+    if not staged:
+        return _pack(tensors, ctx, chunk, chunks, rope, rotated)
+    launched = {i: _pack(tensors[i:i + 1], ctx, chunk, chunks, rope, int(i < rotated))
+                for i in reversed(range(len(tensors)))}
+    return Staged([launched[i] for i in range(len(tensors))])
+
+
+class Staged:
+    """Several exchanges in flight; result() waits for each and returns all their tensors in order."""
+
+    def __init__(self, exchanges: list[Exchange]):
+        self.exchanges = exchanges
+
+    def result(self) -> list[torch.Tensor]:
+        return [t for exchange in self.exchanges for t in exchange.result()]
+
+
+def _pack(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext, chunk: int, chunks: int,
+          rope: tuple[torch.Tensor, torch.Tensor] | None, rotated: int) -> Exchange:
+    """One all-to-all for `tensors` (seq_to_heads), its first `rotated` rotated by `rope` while packed.
 
     The send buffer is (P, B, L, T, Hc, D) for T tensors: what goes to rank j is contiguous (NCCL's
     split), and a token's T tensors are adjacent, so with B = 1 every received tensor is a view
@@ -78,7 +110,10 @@ def seq_to_heads(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext, chunk:
     send = tensors[0].new_empty((p, b, n, count, hc, d))
     for i, t in enumerate(tensors):  # head group j (its sub-group `chunk`) goes to rank j
         part = t.reshape(b, n, p, chunks, hc, d)[:, :, :, chunk].permute(2, 0, 1, 3, 4)  # (P, B, L, Hc, D)
-        _copy(send[:, :, :, i], part)
+        if i < rotated:
+            apply_rope(part, rope, out=send[:, :, :, i])  # (1, L, 1, D) broadcasts over (P, B, L, Hc, D)
+        else:
+            _copy(send[:, :, :, i], part)
 
     def unpack(recv):  # recv[j]: rank j's tokens (B, L, T, Hc, D) for this rank's heads
         if b == 1:
@@ -91,9 +126,12 @@ def seq_to_heads(tensors: tuple[torch.Tensor, ...], ctx: ParallelContext, chunk:
 
 def heads_to_seq(x: torch.Tensor, ctx: ParallelContext, n_local: int) -> Exchange:
     """The inverse exchange: x (B, N, Hc, D), N <= P * L real tokens -> (P, B, L, Hc, D), [j] = rank j's
-    heads for this rank's L tokens (see merge_heads). One copy into the send buffer; pad rows are zero."""
+    heads for this rank's L tokens (see merge_heads). With B = 1, no pad and x contiguous, x itself is the
+    send buffer; else one copy into it, pad rows zero."""
     p = ctx.world
     b, total, hc, d = x.shape
+    if b == 1 and total == p * n_local and x.is_contiguous():  # x is that buffer already: rank j's L tokens at [j]
+        return Exchange(x.view(p, 1, n_local, hc, d), ctx, lambda recv: recv)
     send = x.new_empty((p, b, n_local, hc, d))  # [j]: the tokens of rank j
     dst = send.transpose(0, 1)  # (B, P, L, Hc, D)
     whole, rest = divmod(total, n_local)  # ranks whose L tokens are all real; the real tokens of the next
@@ -134,15 +172,19 @@ class UlyssesAttention:
     """`method` over a context-parallel group: the same forward(q, k, v, meta) -> o contract, with q, k, v
     and o this rank's token shard (B, L, H, D) and meta describing the whole (unpadded) sequence."""
 
-    def __init__(self, method: AttentionMethod, ctx: ParallelContext, chunks: int = 1):
+    def __init__(self, method: AttentionMethod, ctx: ParallelContext, chunks: int = 1, staged: bool = False):
         """`chunks` > 1 splits this rank's heads into that many sub-groups, each with its own exchanges,
-        so that the exchanges of one overlap the attention of another (calls without state, see _chunks)."""
+        so that the exchanges of one overlap the attention of another (calls without state, see _chunks).
+        `staged`: q, k and v in three exchanges, v's and k's running while k and q are rotated."""
         if not method.supports_context_parallel:
             raise ValueError(f"attention.method: {method.name} does not support context parallelism")
-        self.method, self.ctx, self.chunks = method, ctx, chunks
+        self.method, self.ctx, self.chunks, self.staged = method, ctx, chunks, staged
         self.records_state = False  # learnt: the method writes its slot even without a commit (lite)
         self.name, self.cp_strategy = method.name, method.cp_strategy
-        self.needs_routing, self.applies_rope, self.has_state = method.needs_routing, method.applies_rope, method.has_state
+        self.needs_routing, self.has_state = method.needs_routing, method.has_state
+        # Always: q and k come unrotated with meta.rope (this rank's tokens). A method that rotates by
+        # itself gets the whole sequence's rope; for the others q and k are rotated while packed.
+        self.applies_rope = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         b, n_local, h, _ = q.shape
@@ -151,7 +193,10 @@ class UlyssesAttention:
         plan_of_shard(meta.layout, ctx.world, n_local)  # refuses a shard that is not a cut of the layout
         chunks = self._chunks(h, meta)
         full = self._full_meta(meta, n_local)  # its small gathers go first on the communication stream
-        incoming = [seq_to_heads((q, k, v), ctx, c, chunks) for c in range(chunks)]  # all in flight at once
+        rope = None if self.method.applies_rope else meta.rope  # rotated in the packing copy
+        if rope is not None and rope[0].shape[1] != n_local:
+            raise ValueError(f"ulysses: meta.rope covers {rope[0].shape[1]} tokens, expected this rank's {n_local}")
+        incoming = [seq_to_heads((q, k, v), ctx, c, chunks, rope, self.staged) for c in range(chunks)]  # all in flight
         self._prepare_method(full)  # done already when the caller ran prepare(meta); else under the exchange
         outgoing, stats = [], []
         for c, exchange in enumerate(incoming):
@@ -207,7 +252,9 @@ class UlyssesAttention:
                                  f"this rank's {n_local} (route before the all-to-all, on local tokens)")
             routing = meta.routing  # gathered once per layer call, by prepare() or here
             changes["routing"] = routing.plan("ulysses", lambda: gather_routing(routing, self.ctx, num_tokens))
-        if meta.rope is not None and self.method.applies_rope and meta.rope[0].shape[1] == n_local:
+        if meta.rope is not None and not self.method.applies_rope:
+            changes["rope"] = None  # applied to q and k before the exchange
+        elif meta.rope is not None and meta.rope[0].shape[1] == n_local:
             cos_sin = all_gather_seq(torch.stack(meta.rope), self.ctx, dim=2)[:, :, :num_tokens]  # (2, 1, N, 1, D)
             changes["rope"] = (cos_sin[0], cos_sin[1])
         return replace(meta, **changes) if changes else meta
