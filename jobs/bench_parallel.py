@@ -143,26 +143,32 @@ def with_chunks(model, chunks: int, staged: bool | None = None):
     """The parallel model with `chunks` head sub-groups (and `staged` exchanges) in every Ulysses wrapper
     (parallelize wraps an adapter once; later calls keep its wrappers, so a second setting is made here)."""
     from pipeline.parallel.dit import DEFAULT_CHUNKS, DEFAULT_STAGED
-    from pipeline.parallel.ulysses import UlyssesAttention
+    from pipeline.parallel.ulysses import UlyssesAttention, pick_staged
 
     for fn in model.adapter.attention:
         if isinstance(fn, UlyssesAttention):
             fn.chunks = chunks or DEFAULT_CHUNKS
-            fn.staged = DEFAULT_STAGED if staged is None else staged
+            fn.staged = pick_staged(fn.method, DEFAULT_STAGED if staged is None else staged)
     return model
 
 
+def staged_of(model) -> bool:
+    """Whether the model's Ulysses wrappers stage their exchanges (they all do the same)."""
+    from pipeline.parallel.ulysses import UlyssesAttention
+
+    return any(fn.staged for fn in model.adapter.attention if isinstance(fn, UlyssesAttention))
+
+
 def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch.device, dtype, chunks: int,
-                staged: bool | None = None, repeats: int = 5) -> float:
+                staged: bool = False, repeats: int = 5) -> float:
     """Milliseconds of one layer's Ulysses exchanges with nothing else running: q, k, v in and the output
     back, in the sub-groups the wrapper uses (seq_to_heads / heads_to_seq), the slowest rank counting.
     What overlap can hide at most; the step's time over P=1's ideal share shows how much stayed exposed."""
-    from pipeline.parallel.dit import DEFAULT_CHUNKS, DEFAULT_STAGED
+    from pipeline.parallel.dit import DEFAULT_CHUNKS
     from pipeline.parallel.shard import ShardPlan
     from pipeline.parallel.ulysses import heads_to_seq, seq_to_heads
 
     chunks = chunks or DEFAULT_CHUNKS
-    staged = DEFAULT_STAGED if staged is None else staged
     heads, dim = arch["num_attention_heads"], arch["attention_head_dim"]
     local = ShardPlan(num_tokens, ctx.world).local_len
     q, k, v = (torch.randn(1, local, heads, dim, device=device, dtype=dtype) for _ in range(3))
@@ -278,7 +284,7 @@ def main(argv=None) -> int:
                                        warm=i == 0, ranks=p)
                 if p == 1:
                     one_gpu[(method, size)] = pred
-                a2a = exchange_ms(group, layout.num_tokens, arch, device, dtype, chunks, staged) if p > 1 else None
+                a2a = exchange_ms(group, layout.num_tokens, arch, device, dtype, chunks, staged_of(model)) if p > 1 else None
                 rows.append(dict(config=name, method=method, size=size, tokens=layout.num_tokens, P=p, s_per_step=sec,
                                  peak_gib=gib, a2a_ms_per_layer=a2a,
                                  rel_err_vs_p1=relative_error(pred, one_gpu.get((method, size)))))

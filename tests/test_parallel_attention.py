@@ -314,3 +314,14 @@ def test_received_layout_on_cuda_matches_contiguous(name):
     err_contiguous = (contiguous - want).abs().max().item()
     err_strided = (strided - want).abs().max().item()
     assert err_strided <= max(2 * err_contiguous, 1e-2), (err_strided, err_contiguous)
+
+
+def test_staged_exchange_is_picked_for_routed_methods():
+    """Unless told: three exchanges for routed methods (they gather their inputs first), one for the
+    others (dense attention reads the receive buffer as it lies)."""
+    ctx = ParallelContext.single()
+    assert UlyssesAttention(method("moga+stga", moga={"num_groups": 3}), ctx).staged
+    assert UlyssesAttention(method("moga", moga={"num_groups": 3}), ctx).staged
+    assert not UlyssesAttention(method("dense"), ctx).staged
+    assert UlyssesAttention(method("dense"), ctx, staged=True).staged
+    assert not UlyssesAttention(method("moga", moga={"num_groups": 3}), ctx, staged=False).staged

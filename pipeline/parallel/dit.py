@@ -40,14 +40,14 @@ _WRAPPERS = (UlyssesAttention, StateParallelAttention, RingAttention)
 # 1.448 s; NCCL's kernels slow the attention they run beside more than the hidden exchange saves).
 # Links slower than NVLink may gain from 2 (parallelize(..., chunks=2)).
 DEFAULT_CHUNKS = 1
-# q, k, v in three exchanges (UlyssesAttention staged): see DEFAULT_STAGED's measurement in docs/benchmarks.md.
-DEFAULT_STAGED = False
+# q, k, v in three exchanges (UlyssesAttention's `staged`): None lets each wrapper pick by its method.
+DEFAULT_STAGED: bool | None = None
 # Per-token fields of Tokens and their sequence dim (the adapter declares them as Tokens.SEQUENCE_DIMS).
 SEQUENCE_DIMS: dict[str, int] = getattr(Tokens, "SEQUENCE_DIMS", {"hidden": 1, "rope": 1, "shot": 0})
 
 
 def parallel_attention(fn, ctx: ParallelContext, by_frames: bool, heads: int, ring: bool = False,
-                       chunks: int = 1, staged: bool = False):
+                       chunks: int = 1, staged: bool | None = None):
     """`fn` (a registry method) wrapped for context parallelism: the state strategy for linear attention,
     Ulysses when the heads divide over the ranks (`chunks`, `staged`: see UlyssesAttention), else ring
     attention for dense layers if `ring`."""
@@ -166,5 +166,5 @@ def parallelize(adapter: DiTAdapter, ctx: ParallelContext, ring: bool = False,
     """Apply context parallelism over `ctx` to `adapter` (see the module docstring). `ring`
     (parallel.ring): dense layers use ring attention when the ranks do not divide the heads.
     `chunks`: head sub-groups per rank whose all-to-alls overlap attention (None: DEFAULT_CHUNKS);
-    `staged`: q, k, v in three exchanges (None: DEFAULT_STAGED)."""
+    `staged`: q, k, v in three exchanges (None: DEFAULT_STAGED, where None is each method's choice)."""
     return ParallelDiT(adapter, ctx, ring, chunks, staged)
