@@ -172,10 +172,11 @@ def exchange_ms(ctx: ParallelContext, num_tokens: int, arch: dict, device: torch
     heads, dim = arch["num_attention_heads"], arch["attention_head_dim"]
     local = ShardPlan(num_tokens, ctx.world).local_len
     q, k, v = (torch.randn(1, local, heads, dim, device=device, dtype=dtype) for _ in range(3))
+    o = torch.randn(1, local * ctx.world, heads // ctx.world // chunks, dim, device=device, dtype=dtype)  # a method's
 
     def layer():
         incoming = [seq_to_heads((q, k, v), ctx, c, chunks, staged=staged) for c in range(chunks)]
-        outgoing = [heads_to_seq(e.result()[0], ctx, local) for e in incoming]
+        outgoing = [heads_to_seq(o, ctx, local) for e in incoming if e.result()]  # each output after its input
         return [e.result() for e in outgoing]
 
     layer()
