@@ -285,7 +285,8 @@ def main(argv=None) -> int:
                                        warm=i == 0, ranks=p)
                 if p == 1:
                     one_gpu[(method, size)] = pred
-                a2a = exchange_ms(group, layout.num_tokens, arch, device, dtype, chunks, staged_of(model)) if p > 1 else None
+                a2a = (exchange_ms(group, layout.num_tokens, arch, device, dtype, chunks, staged_of(model))
+                       if p > 1 else None)
                 rows.append(dict(config=name, method=method, size=size, tokens=layout.num_tokens, P=p, s_per_step=sec,
                                  peak_gib=gib, a2a_ms_per_layer=a2a,
                                  rel_err_vs_p1=relative_error(pred, one_gpu.get((method, size)))))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., N, H, D) -> rotated x, same dtype (computed in rope's dtype, rounded once on the write).
 
     out: where to write it (x's shape, any strides with a unit last stride): context parallelism passes

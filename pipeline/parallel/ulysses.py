@@ -8,11 +8,12 @@ output is re-padded and one all-to-all brings it back to (B, L, H, D). q and k a
 this rank's RoPE and are rotated as they are copied into the send buffer (one pass for both); a
 method that rotates by itself (after a feature map) gets the whole sequence's RoPE instead.
 
-Overlap (chunks > 1, calls that neither read nor write state): this rank's heads are split into sub-groups, each with
-its own pair of exchanges; all inputs are sent at once, and each sub-group's output is sent while
-the next one attends, so on GPU the all-to-alls run on NCCL's stream under the attention kernels.
-Staged (routed methods by default): q, k and v go in three exchanges, v's first: v's packing is a plain copy, so its
-exchange runs while k and q are rotated into their send buffers, and k's while q is.
+Overlap (chunks > 1, calls that neither read nor write state): this rank's heads are split into
+sub-groups, each with its own pair of exchanges; all inputs are sent at once, and each sub-group's
+output is sent while the next one attends, so on GPU the all-to-alls run on NCCL's stream under the
+attention kernels. Staged (routed methods by default): q, k and v go in three exchanges, v's first:
+v's packing is a plain copy, so its exchange runs while k and q are rotated into their send buffers,
+and k's while q is.
 
 MoGA routing is per token and shared by all heads, so it is computed before the exchange on the
 local tokens (meta.routing holds (B, L) groups and gates) and all-gathered here (one float pair per
@@ -175,16 +176,17 @@ def pick_staged(method, staged: bool | None) -> bool:
 
 class UlyssesAttention:
     """`method` over a context-parallel group: the same forward(q, k, v, meta) -> o contract, with q, k, v
-    and o this rank's token shard (B, L, H, D) and meta describing the whole (unpadded) sequence."""
+    and o this rank's token shard (B, L, H, D) and meta describing the whole (unpadded) sequence, except
+    meta.rope: this rank's (cos, sin), q and k unrotated (the wrapper's applies_rope)."""
 
     def __init__(self, method: AttentionMethod, ctx: ParallelContext, chunks: int = 1, staged: bool | None = None):
         """`chunks` > 1 splits this rank's heads into that many sub-groups, each with its own exchanges,
         so that the exchanges of one overlap the attention of another (calls without state, see _chunks).
         `staged`: q, k and v in three exchanges, v's and k's running while k and q are rotated; None picks
         it for routed methods (MoGA's first step after the exchange is a gather by group, so the received
-        layout does not matter), one exchange for the others: dense attention read straight from the one
-        receive buffer ran 3% faster than from three (2x H200, 126k tokens: 3.056 vs 3.159 s per step),
-        moga+stga 1% slower (1.284 vs 1.273 s)."""
+        layout does not matter) and one exchange for the others. 2x H200, 126k tokens, per step: dense
+        3.056 s with one exchange (it reads the one receive buffer as it lies) vs 3.159 s staged;
+        moga+stga 1.284 s with one vs 1.273 s staged."""
         if not method.supports_context_parallel:
             raise ValueError(f"attention.method: {method.name} does not support context parallelism")
         self.method, self.ctx, self.chunks = method, ctx, chunks
